@@ -1,0 +1,1 @@
+"""pdx-bench: every figure beside a raw baseline measured in the same run."""

@@ -1,0 +1,90 @@
+"""Chunk keys are deterministic across processes and differ across layouts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pdx.keys import chunk_keys
+from pdx.layout import KVDtype, KVLayout, MemoryLayout
+
+LAYOUT = KVLayout("tiny", KVDtype.FP32, num_layers=2, num_kv_heads=4, head_size=32, block_size=16)
+
+SCRIPT = """
+import sys
+from pdx.keys import chunk_keys
+from pdx.layout import KVLayout, KVDtype
+layout = KVLayout("tiny", KVDtype.FP32, num_layers=2, num_kv_heads=4, head_size=32, block_size=16)
+tokens = list(range(1000, 1000 + 1030))
+print(",".join(k.hex() for k in chunk_keys(tokens, layout.chunk_fingerprint, 256, namespace="t1")))
+"""
+
+
+def test_same_keys_in_processes_with_different_hash_seeds() -> None:
+    outputs = set()
+    for seed in ("0", "1", "12345", "random"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
+                             text=True, check=True, timeout=60).stdout.strip()
+        outputs.add(out)
+    assert len(outputs) == 1
+    (keys,) = outputs
+    assert len(keys.split(",")) == 4  # 1030 tokens -> 4 full chunks of 256
+    expected = chunk_keys(list(range(1000, 2030)), LAYOUT.chunk_fingerprint, 256, namespace="t1")
+    assert keys == ",".join(k.hex() for k in expected)
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        {"model_id": "other"},
+        {"dtype": KVDtype.BF16},
+        {"num_layers": 3},
+        {"num_kv_heads": 8},
+        {"head_size": 64},
+        {"tp_size": 2, "tp_rank": 1},
+    ],
+)
+def test_different_layout_gives_different_keys(changed: dict[str, object]) -> None:
+    other = KVLayout(**{**LAYOUT.to_dict(), **changed})  # type: ignore[arg-type]
+    tokens = list(range(512))
+    assert chunk_keys(tokens, LAYOUT.chunk_fingerprint) != chunk_keys(tokens, other.chunk_fingerprint)
+
+
+def test_block_size_and_memory_layout_share_chunk_keys_but_not_the_handshake_fingerprint() -> None:
+    # Chunks are packed in one canonical order, so their bytes do not depend on the
+    # engine's paging; the handshake still tells the engines apart.
+    other = KVLayout(**{**LAYOUT.to_dict(), "block_size": 128,  # type: ignore[arg-type]
+                        "memory_layout": MemoryLayout.HND})
+    assert other.chunk_fingerprint == LAYOUT.chunk_fingerprint
+    assert other.fingerprint != LAYOUT.fingerprint
+
+
+def test_namespace_separates_tenants() -> None:
+    tokens = list(range(256))
+    assert chunk_keys(tokens, "fp", namespace="a") != chunk_keys(tokens, "fp", namespace="b")
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(0, 2**31 - 1), min_size=0, max_size=600), st.sampled_from([16, 64, 256]))
+def test_keys_are_prefix_chained(tokens: list[int], chunk: int) -> None:
+    keys = chunk_keys(tokens, "fp", chunk)
+    assert len(keys) == len(tokens) // chunk
+    # A prompt that extends another shares its leading keys, and only those.
+    longer = chunk_keys([*tokens, 7] * 2, "fp", chunk)
+    assert longer[: len(keys)] == keys
+    assert len(set(keys)) == len(keys)
+    if keys:
+        changed = list(tokens)
+        changed[0] ^= 1
+        assert all(a != b for a, b in zip(chunk_keys(changed, "fp", chunk), keys))
+
+
+def test_bad_chunk_size() -> None:
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        chunk_keys([1, 2, 3], "fp", 0)
