@@ -90,6 +90,7 @@ class L1Config:
     reservation_timeout_s: float = doc_field(30.0, "a reservation not committed by then is reclaimed")
     lease_s: float = doc_field(60.0, "default lifetime of a read pin before it expires")
     shm_name: str = doc_field("", "POSIX shm name of the pool; empty = generated per agent")
+    prefault: bool = doc_field(True, "map every page of the pool at start so first writes do not fault")
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ class DiskConfig:
         "evicted", "'evicted': write chunks that leave L1; 'all': every committed chunk"
     )
     queue_depth: int = doc_field(64, "chunks waiting to be written before new ones are dropped")
+    fsync: bool = doc_field(False, "fsync each chunk file before it becomes visible (slower, crash-safe)")
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,8 @@ class RedisConfig:
     max_connections: int = doc_field(8, "size of the connection pool")
     write: Literal["evicted", "all"] = doc_field("evicted", "as for the disk tier")
     retry_after_s: float = doc_field(2.0, "after a failure, calls are misses for this long")
+    queue_depth: int = doc_field(64, "chunks waiting to be written before new ones are dropped")
+    batch_size: int = doc_field(16, "chunks per pipelined write")
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,7 @@ class StoreConfig:
     l1: L1Config = field(default_factory=L1Config)
     disk: DiskConfig = field(default_factory=DiskConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
+    drain_s: float = doc_field(5.0, "on shutdown, how long queued write-behind may still run")
 
 
 @dataclass(frozen=True)
@@ -141,6 +146,77 @@ class TransportConfig:
     heartbeat_s: float = doc_field(1.0, "peer liveness probe interval")
     verify_checksums: bool = doc_field(True, "receivers verify chunk checksums")
     connections_per_peer: int = doc_field(1, "parallel streams per peer (tcp)")
+    debug_corrupt_every: int = doc_field(
+        0, "testing only: flip one byte in every Nth chunk this agent receives (0 = off); "
+        "lets integrity tests prove that corruption is detected")
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    """The agent's ZMQ control plane: local clients (the connector) and peer agents."""
+
+    address: str = doc_field(
+        "", "local control socket: ipc://PATH (folder made owner-only) or tcp://127.0.0.1:PORT; "
+        "empty = ipc://<data dir>/run/agent-<name>.sock"
+    )
+    request_timeout_s: float = doc_field(5.0, "clients' default limit on one call (reply included)")
+    max_frame: int = size_field("8MiB", "largest control message accepted; a bigger frame drops the connection")
+    peer_enabled: bool = doc_field(True, "serve peer agents (pin/reserve for their transfers) on transport.host")
+    peer_port: int = doc_field(0, "port of the peer-facing control socket on transport.host; 0 = any free port")
+    workers: int = doc_field(4, "threads that run data-moving jobs (fetch, send) and peer requests")
+    job_retention_s: float = doc_field(300.0, "finished jobs stay queryable (job_status, wait) this long")
+    max_jobs: int = doc_field(4096, "jobs kept at most (oldest finished ones are dropped first)")
+    drain_timeout_s: float = doc_field(30.0, "on SIGTERM, how long in-flight transfers may take to finish")
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """The small HTTP endpoint: /healthz, /readyz, /metrics, /v1/status."""
+
+    enabled: bool = doc_field(True, "serve the HTTP endpoint")
+    host: str = doc_field("127.0.0.1", "bind address; loopback unless configured")
+    port: int = doc_field(0, "port; 0 = any free port (logged at start-up)")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The engine (vLLM) the agent launches and supervises."""
+
+    command: list[str] = doc_field(
+        [], "engine command line; `pdx-agent ... -- CMD ...` replaces it; empty = no engine"
+    )
+    env: dict[str, str] = doc_field({}, "extra environment variables for the engine")
+    url: str = doc_field("", "the engine's OpenAI HTTP base URL, announced to the proxy")
+    inject_kv_config: bool = doc_field(
+        True, "add --kv-transfer-config loading PdxConnector (pointed at this agent) to a vLLM "
+        "command that has none"
+    )
+    restart: bool = doc_field(True, "restart the engine when it exits unexpectedly")
+    restart_backoff_s: float = doc_field(1.0, "delay before the first restart; doubles each time")
+    restart_backoff_max_s: float = doc_field(30.0, "longest delay between restarts")
+    max_restarts: int = doc_field(10, "restarts in a row (without a stable run) before giving up")
+    stable_after_s: float = doc_field(60.0, "an engine up this long resets the backoff and the count")
+    stop_timeout_s: float = doc_field(20.0, "after SIGTERM, how long the engine may take before SIGKILL")
+
+
+@dataclass(frozen=True)
+class RegistrationConfig:
+    """Announcing this agent to a pdx-proxy (see pdx.scheduler.messages)."""
+
+    proxy_url: str = doc_field("", "base URL of pdx-proxy; empty = do not announce")
+    heartbeat_s: float = doc_field(2.0, "period of the announcement (each one is a heartbeat)")
+    timeout_s: float = doc_field(2.0, "limit on one announcement's HTTP call")
+    models: list[str] = doc_field([], "model names the engine serves, as the proxy should route them")
+    summary_fp_rate: float = doc_field(0.01, "false-positive rate of the key summary (Bloom filter)")
+
+
+@dataclass(frozen=True)
+class LeaseConfig:
+    """Pins are leases: they expire unless released first."""
+
+    remote_s: float = doc_field(120.0, "lease of pins held for a remote reader (a decode agent)")
+    max_s: float = doc_field(900.0, "longest lease a client may ask for")
+    sweep_s: float = doc_field(0.5, "how often expired leases and reservations are reclaimed")
 
 
 @dataclass(frozen=True)
@@ -148,13 +224,228 @@ class AgentConfig:
     """Everything one ``pdx-agent`` needs. Sections grow with the agent."""
 
     role: Literal["prefill", "decode", "both"] = doc_field("both", "what this worker does")
+    name: str = doc_field("", "agent id (logs, sockets, registration); empty = <role>-<host>-<pid>")
     data_dir: str = doc_field("", "folder for logs, sockets and caches; empty = ~/.cache/pdx")
     store: StoreConfig = field(default_factory=StoreConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    registration: RegistrationConfig = field(default_factory=RegistrationConfig)
+    leases: LeaseConfig = field(default_factory=LeaseConfig)
 
     def validate(self) -> None:
         if self.store.chunk_tokens <= 0:
             raise ConfigError("store.chunk_tokens: must be positive")
+        addr = self.control.address
+        if addr and not addr.startswith(("ipc://", "tcp://")):
+            raise ConfigError(f"control.address: expected ipc://PATH or tcp://HOST:PORT, got {addr!r}")
+        if self.control.request_timeout_s <= 0:
+            raise ConfigError("control.request_timeout_s: must be positive")
+        if self.control.workers <= 0:
+            raise ConfigError("control.workers: must be positive")
+        if self.control.max_frame < 4096:
+            raise ConfigError("control.max_frame: must be at least 4KiB")
+        if self.engine.restart_backoff_s < 0 or self.engine.restart_backoff_max_s < 0:
+            raise ConfigError("engine.restart_backoff_s: must not be negative")
+        if self.engine.max_restarts < 0:
+            raise ConfigError("engine.max_restarts: must not be negative")
+        if self.registration.heartbeat_s <= 0:
+            raise ConfigError("registration.heartbeat_s: must be positive")
+        if not 0 < self.registration.summary_fp_rate < 1:
+            raise ConfigError("registration.summary_fp_rate: must be between 0 and 1")
+        if self.leases.remote_s <= 0 or self.leases.max_s <= 0 or self.leases.sweep_s <= 0:
+            raise ConfigError("leases: remote_s, max_s and sweep_s must be positive")
+
+
+@dataclass(frozen=True)
+class ConnectorConfig:
+    """``PdxConnector`` settings: vLLM's ``kv_connector_extra_config`` (``pdx-agent`` writes it)."""
+
+    agent_address: str = doc_field(
+        "", "the local agent's control socket; empty = the PDX_AGENT_ADDRESS environment variable")
+    agent_timeout_s: float = doc_field(5.0, "limit on one control call to the agent")
+    lookup_timeout_s: float = doc_field(
+        1.0, "limit on the scheduler's store lookup (a slower agent counts as a miss)")
+    lookup_remote: bool = doc_field(True, "lookups also ask the remote tier (Redis) when the agent has one")
+    load_timeout_s: float = doc_field(
+        30.0, "deadline of one request's load (fetch from the prefill agent and unpack); "
+        "what is not loaded by then is recomputed")
+    lease_s: float = doc_field(
+        120.0, "how long a prefill engine's agent keeps a finished request's chunks pinned for decode")
+    reuse: bool = doc_field(True, "load prompt prefixes found in the local store (prefix reuse)")
+    store: bool | None = doc_field(
+        None, "store computed KV; none = by role (kv_producer and kv_both store, kv_consumer does not)")
+    min_load_tokens: int = doc_field(1, "hits shorter than this are recomputed instead of loaded")
+    model_id: str = doc_field(
+        "", "model identity mixed into chunk keys; empty = the model name or path vLLM was given")
+    verify_checksums: bool = doc_field(True, "re-hash every chunk before unpacking it")
+    kernel_impl: str = doc_field("auto", "pack/unpack implementation: auto, cpu, reference or triton")
+    sync_l1_loads: bool = doc_field(
+        True, "load hits held entirely in L1 within the step that computes the rest of the prompt; "
+        "false = every load is asynchronous")
+    idle_wait_ms: float = doc_field(
+        2.0, "in a step without a forward pass, wait up to this long for a load in flight to finish "
+        "(stops vLLM's polling from starving the loader on few cores); 0 = never wait")
+
+    def validate(self) -> None:
+        for name in ("agent_timeout_s", "lookup_timeout_s", "load_timeout_s", "lease_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be positive")
+        if self.min_load_tokens < 1:
+            raise ConfigError("min_load_tokens: must be at least 1")
+        if self.idle_wait_ms < 0:
+            raise ConfigError("idle_wait_ms: must not be negative")
+
+
+CONNECTOR_AGENT_ENV = "PDX_AGENT_ADDRESS"
+
+
+def connector_config(extra: Mapping[str, Any] | None,
+                     env: Mapping[str, str] | None = None) -> ConnectorConfig:
+    """``ConnectorConfig`` from vLLM's ``kv_connector_extra_config``, then the environment's
+    ``PDX__CONNECTOR__KEY=value`` overrides (e.g. ``PDX__CONNECTOR__LOAD_TIMEOUT_S=10``). The agent
+    address falls back to ``PDX_AGENT_ADDRESS`` (set by ``pdx-agent`` for the engine it launches)."""
+    environ = os.environ if env is None else env
+    source = "kv_connector_extra_config"
+    scoped = {ENV_PREFIX + k[len(ENV_PREFIX + "CONNECTOR__"):]: v for k, v in environ.items()
+              if k.startswith(ENV_PREFIX + "CONNECTOR__")}
+    raw = _apply_env(dict(extra or {}), scoped, source)
+    if not raw.get("agent_address"):
+        raw["agent_address"] = environ.get(CONNECTOR_AGENT_ENV, "")
+    cfg = from_dict(ConnectorConfig, raw, source)
+    try:
+        cfg.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return cfg
+
+
+# --- data folder ---------------------------------------------------------------------------
+
+DATA_DIR_ENV = "PDX_DATA_DIR"
+
+
+def data_dir(configured: str | os.PathLike[str] = "", env: Mapping[str, str] | None = None) -> Path:
+    """The folder for pdx's caches, logs and the embedded models.
+
+    Precedence: ``configured`` (a config field or a command-line argument), then the
+    ``PDX_DATA_DIR`` environment variable, then ``~/.cache/pdx``. Does not create it.
+    """
+    if str(configured):
+        return Path(configured).expanduser()
+    value = (os.environ if env is None else env).get(DATA_DIR_ENV, "")
+    if value:
+        return Path(value).expanduser()
+    return Path.home() / ".cache" / "pdx"
+
+
+# --- proxy -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProxyWorkerConfig:
+    """One engine worker the proxy knows without any agent registration."""
+
+    url: str = doc_field("", "base URL of the engine's OpenAI server, e.g. http://127.0.0.1:8100")
+    role: Literal["prefill", "decode", "both"] = doc_field(
+        "both", "prefill, decode or both (a 'both' worker can serve either side)")
+    agent_url: str = doc_field(
+        "", "HTTP address of the worker's pdx-agent (health via /readyz); empty = none")
+    id: str = doc_field("", "name in logs, metrics and /admin/workers; empty = host:port of url")
+
+
+@dataclass(frozen=True)
+class CacheAwareConfig:
+    """Settings of the ``cache_aware`` routing policy."""
+
+    tokenizer: str = doc_field(
+        "", "folder (or tokenizer.json) of the model's Hugging Face tokenizer; empty = byte-level "
+        "stand-in, which only matches the proxy's own routing hints, not agents' key summaries")
+    chunk_tokens: int = doc_field(
+        256, "chunk size used for workers whose agent has not announced one")
+    max_imbalance: int = doc_field(
+        8, "a cached worker is preferred only while it has at most this many more outstanding "
+        "requests than the least-loaded one")
+    skip_prefill: bool = doc_field(
+        True, "send a request straight to a decode worker that already holds all its full chunks")
+    hint_keys: int = doc_field(
+        65536, "chunk keys the proxy remembers per worker from its own routing; 0 = none")
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """Everything ``pdx-proxy serve`` needs."""
+
+    host: str = doc_field("127.0.0.1", "address the OpenAI endpoint listens on")
+    port: int = doc_field(8000, "port of the OpenAI endpoint; 0 = any free port")
+    admin_port: int | None = doc_field(
+        None, "port of the admin endpoints (/admin/...); none = on the main port; 0 = any free port")
+    admin_host: str = doc_field("127.0.0.1", "address of the admin listener when admin_port is set")
+    models: list[str] = doc_field(
+        [], "model names served; empty = learned from the workers' /v1/models")
+    policy: str = doc_field("least_loaded", "routing policy: round_robin, least_loaded or cache_aware")
+    workers: list[ProxyWorkerConfig] = doc_field([], "static workers (more can register at runtime)")
+    api_key: str = doc_field("", "clients must send 'Authorization: Bearer <key>'; empty = no check")
+    admin_key: str = doc_field(
+        "", "key for the admin endpoints; empty = the api_key (no check when both are empty)")
+    upstream_api_key: str = doc_field("", "bearer key sent to the workers; empty = none")
+    max_body_size: int = size_field("4MiB", "largest request body accepted (413 above)")
+    max_inflight: int = doc_field(256, "requests served at once; more wait in the queue")
+    max_queue: int = doc_field(1024, "requests waiting for a slot; more get 429")
+    queue_timeout_s: float = doc_field(10.0, "a request waiting longer than this gets 503")
+    retry_after_s: int = doc_field(1, "Retry-After seconds sent with 429 and 503")
+    connect_timeout_s: float = doc_field(3.0, "limit on connecting to a worker")
+    prefill_timeout_s: float = doc_field(300.0, "limit on a whole prefill call")
+    first_token_timeout_s: float = doc_field(300.0, "limit from sending to decode until its first byte")
+    read_timeout_s: float = doc_field(60.0, "longest gap between two pieces of a decode answer")
+    prefill_retries: int = doc_field(1, "other prefill workers tried after one fails")
+    decode_retries: int = doc_field(1, "other decode workers tried when one fails before its first byte")
+    prefill_fallback: bool = doc_field(
+        True, "when no prefill worker answers, the decode worker computes the prompt itself")
+    health_interval_s: float = doc_field(2.0, "period of health checks (GET /health, agent /readyz)")
+    health_timeout_s: float = doc_field(2.0, "limit on one health check")
+    unhealthy_after: int = doc_field(2, "failed health checks in a row before a worker leaves the pool")
+    heartbeat_timeout_s: float = doc_field(
+        5.0, "a worker whose agent announced itself leaves the pool after this long without a heartbeat")
+    log_requests: bool = doc_field(False, "log one line per request (id, workers, status, timings)")
+    shutdown_grace_s: float = doc_field(
+        5.0, "on stop, requests in flight get this long to finish before they are cancelled")
+    cache_aware: CacheAwareConfig = field(default_factory=CacheAwareConfig)
+
+    def validate(self) -> None:
+        for name in ("port", "admin_port"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 65535:
+                raise ConfigError(f"{name}: expected a port number 0..65535, got {value}")
+        for name in ("max_inflight", "unhealthy_after", "retry_after_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be positive")
+        for name in ("max_queue", "prefill_retries", "decode_retries"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: cannot be negative")
+        for name in ("queue_timeout_s", "connect_timeout_s", "prefill_timeout_s",
+                     "first_token_timeout_s", "read_timeout_s", "health_interval_s",
+                     "health_timeout_s", "heartbeat_timeout_s", "shutdown_grace_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be a positive number of seconds")
+        if self.max_body_size <= 0:
+            raise ConfigError("max_body_size: must be positive")
+        if self.cache_aware.chunk_tokens <= 0:
+            raise ConfigError("cache_aware.chunk_tokens: must be positive")
+        if self.cache_aware.max_imbalance < 0 or self.cache_aware.hint_keys < 0:
+            raise ConfigError("cache_aware.max_imbalance and hint_keys cannot be negative")
+        seen: set[str] = set()
+        for i, w in enumerate(self.workers):
+            for name in ("url", "agent_url"):
+                value = getattr(w, name)
+                if (value or name == "url") and not re.match(r"^https?://[^/\s]+", value):
+                    raise ConfigError(
+                        f"workers[{i}].{name}: expected an http:// or https:// URL, got {value!r}")
+            key = w.url.rstrip("/")
+            if key in seen:
+                raise ConfigError(f"workers[{i}].url: {w.url!r} is listed twice")
+            seen.add(key)
 
 
 # --- loading ---------------------------------------------------------------------------------

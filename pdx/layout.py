@@ -40,16 +40,30 @@ class KVDtype(str, Enum):
 
 
 class MemoryLayout(str, Enum):
-    """How the engine stores paged KV for one layer.
+    """How the engine stores paged KV for one layer: the logical shape of the tensor it
+    registers and where K and V of one token sit in it (``pdx.kernels.detect_layout``
+    derives it; ``docs/kernels.md`` cites the vLLM code each one comes from).
 
-    ``CPU_KV_CONCAT``: ``[num_blocks, kv_heads, block_size, 2*head_size]`` (vLLM CPU backend as seen).
-    ``NHD``: ``[2, num_blocks, block_size, kv_heads, head_size]`` (vLLM flash-attn style).
+    Shapes use the KV heads of this rank. The kernels follow the tensor's strides, so
+    only the logical order below matters, not the physical one.
+
+    ``NHD``: ``[2, num_blocks, block_size, kv_heads, head_size]`` (flash-attn style, K then V).
     ``HND``: ``[2, num_blocks, kv_heads, block_size, head_size]``.
+    ``KV_CONCAT``: ``[num_blocks, kv_heads, block_size, 2*head_size]``, K in the first half of
+    the last dimension and V in the second (vLLM's GPU backends: FLASH_ATTN, TRITON_ATTN, ...).
+    ``CPU_VEC``: vLLM's CPU_ATTN backend with the ``vec``/``vec16`` ISA: registered as
+    ``[num_blocks, kv_heads, block_size, 2*head_size]``, but each (block, head) page of
+    ``2*block_size*head_size`` elements holds K transposed (``[head_size, block_size]``)
+    followed by V (``[block_size, head_size]``).
+    ``CPU_AMX``: vLLM's CPU_ATTN backend with the ``amx`` ISA (bf16): same registered shape,
+    K and V packed in AMX tiles inside each page.
     """
 
-    CPU_KV_CONCAT = "cpu_kv_concat"
     NHD = "nhd"
     HND = "hnd"
+    KV_CONCAT = "kv_concat"
+    CPU_VEC = "cpu_vec"
+    CPU_AMX = "cpu_amx"
 
 
 @dataclass(frozen=True)
@@ -128,7 +142,15 @@ class KVLayout:
     @property
     def chunk_fingerprint(self) -> str:
         """Fingerprint of what determines packed chunk bytes (hex, 16 chars)."""
-        start, end = self.head_range
+        return self.chunk_fingerprint_for_heads(*self.head_range)
+
+    def chunk_fingerprint_for_heads(self, start: int, end: int) -> str:
+        """``chunk_fingerprint`` of a chunk holding the global KV heads ``[start, end)``.
+
+        Used for chunks packed with a head subset (``pdx.kernels.pack(..., heads=...)``).
+        """
+        if not 0 <= start < end <= self.num_kv_heads:
+            raise LayoutError(f"head range [{start}, {end}) outside [0, {self.num_kv_heads})")
         return _digest(
             {
                 "format": CHUNK_FORMAT_VERSION,

@@ -24,12 +24,15 @@ reports the unfinished ops as timed out and cancels them.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import NewType
+from typing import ClassVar, NewType
 
 from pdx.config import TransportConfig
+from pdx.errors import TransferTimeout
 
 #: bumped on any incompatible change of the handshake or of a backend's wire format.
 WIRE_VERSION = 1
@@ -145,6 +148,9 @@ class Transport(abc.ABC):
     """
 
     name: str = ""
+    #: True when the backend honours ``config.debug_corrupt_every`` (the conformance
+    #: suite skips its corruption test otherwise). See ``DebugCorrupter``.
+    debug_corrupt: ClassVar[bool] = False
 
     def __init__(self, config: TransportConfig, fingerprint: str) -> None:
         self.config = config
@@ -156,7 +162,7 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def listen(self) -> str:
-        """Start accepting peers; returns the address they connect to."""
+        """Start accepting peers; returns the address they connect to (idempotent)."""
 
     @abc.abstractmethod
     def connect(self, address: str, timeout: float | None = None) -> PeerInfo:
@@ -179,3 +185,185 @@ class Transport(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# --- helpers shared by backends ----------------------------------------------------------------
+#
+# Interface notes for backend authors (additive refinements, all optional to use):
+# * ``pdx.transport.handshake.SideChannel`` does the handshake, heartbeats and the
+#   request/notify side channel; every backend should build on it so that version,
+#   fingerprint and secret checks and dead-peer detection are the same everywhere.
+# * ``BatchHandle`` below is a complete ``TransferHandle``: call ``complete(i, status)``
+#   from your progress code; ``wait`` handles deadlines (TIMEOUT), ``cancel`` CANCELLED,
+#   and ``fail_all`` is what a peer-dead callback calls. Optional ``on_wait`` (added
+#   later, additive): lets the waiting thread run work no worker started yet.
+# * ``region_view`` gives the flat writable bytes of a host region.
+# * ``DebugCorrupter`` implements ``config.debug_corrupt_every``: call ``maybe_corrupt``
+#   on every chunk your side *receives* (for one-sided backends: the side that moves
+#   the bytes, on the destination range), then set the class attribute
+#   ``debug_corrupt = True`` on your Transport.
+# * ``Transport.peers()`` lists peers whichever side connected; ``post`` to a peer
+#   that connected to us must work too (both READ and WRITE).
+
+
+def region_view(region: MemoryRegion) -> memoryview:
+    """The flat, writable ``memoryview`` (format ``B``) of a host region's buffer.
+
+    Raises ``ValueError`` for a CUDA region, a missing/read-only/non-contiguous
+    buffer, or one smaller than ``region.nbytes``.
+    """
+    if region.kind is not MemoryKind.HOST or region.buffer is None:
+        raise ValueError("region_view needs a host region with a buffer")
+    view = memoryview(region.buffer)  # type: ignore[arg-type]
+    if view.readonly:
+        raise ValueError("the registered region must be writable")
+    if not view.c_contiguous:
+        raise ValueError("the registered region must be contiguous")
+    view = view.cast("B")
+    if view.nbytes < region.nbytes:
+        raise ValueError(f"region buffer holds {view.nbytes} bytes, fewer than nbytes={region.nbytes}")
+    return view[: region.nbytes]
+
+
+def check_ops(ops: Sequence[ChunkOp], local_nbytes: int, remote_nbytes: int) -> dict[int, str]:
+    """Ops whose ranges fall outside either region: ``{index: reason}`` (empty if all fit)."""
+    bad: dict[int, str] = {}
+    for i, op in enumerate(ops):
+        if op.nbytes < 0 or op.local_offset < 0 or op.remote_offset < 0:
+            bad[i] = f"negative offset or size in {op}"
+        elif op.local_offset + op.nbytes > local_nbytes:
+            bad[i] = f"local range {op.local_offset}+{op.nbytes} beyond the region ({local_nbytes} bytes)"
+        elif op.remote_offset + op.nbytes > remote_nbytes:
+            bad[i] = (f"remote range {op.remote_offset}+{op.nbytes} beyond the peer's region "
+                      f"({remote_nbytes} bytes)")
+    return bad
+
+
+class DebugCorrupter:
+    """Testing only: flips one byte in every Nth chunk received (``config.debug_corrupt_every``).
+
+    Thread-safe. ``maybe_corrupt(view)`` is called with the destination bytes of a
+    chunk after they landed; returns True when it flipped one.
+    """
+
+    def __init__(self, every: int) -> None:
+        self.every = max(0, int(every))
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def maybe_corrupt(self, view: memoryview) -> bool:
+        if self.every <= 0 or view.nbytes == 0:
+            return False
+        with self._lock:
+            self._count += 1
+            hit = self._count % self.every == 0
+        if hit:
+            mid = view.nbytes // 2
+            view[mid] = view[mid] ^ 0xFF
+        return hit
+
+
+class BatchHandle(TransferHandle):
+    """A ready-made ``TransferHandle`` for backends: per-op status, first completion wins.
+
+    Thread-safe. The backend calls ``complete(i, status, reason)`` as ops finish
+    (from any thread). ``on_stop(handle, status)`` is called once, before the
+    unfinished ops are marked, when the batch is cancelled or times out, so the
+    backend can stop touching the ops' memory; it must return within a bounded time.
+    ``on_wait(handle, deadline)`` (optional) is called by ``wait`` before it
+    blocks, on the waiting thread: a backend may run work of this batch that no
+    worker has started yet right there (saves two thread hand-offs per batch); it
+    should give up at ``deadline`` (``time.monotonic()``), leaving the rest pending.
+    """
+
+    def __init__(self, ops: Sequence[ChunkOp], default_timeout: float,
+                 on_stop: Callable[[BatchHandle, OpStatus], None] | None = None,
+                 on_wait: Callable[[BatchHandle, float], None] | None = None) -> None:
+        self.ops = list(ops)
+        self.default_timeout = default_timeout
+        self._on_stop = on_stop
+        self._on_wait = on_wait
+        self._status: list[OpStatus | None] = [None] * len(self.ops)
+        self._errors: dict[int, str] = {}
+        self._pending = len(self.ops)
+        self._cond = threading.Condition()
+        self._stopped = False
+
+    # -- backend side --
+    def complete(self, index: int, status: OpStatus, reason: str = "") -> bool:
+        """Record op ``index``'s outcome; False if it was already final (e.g. cancelled)."""
+        with self._cond:
+            if self._status[index] is not None:
+                return False
+            self._status[index] = status
+            if status is not OpStatus.DONE:
+                self._errors[index] = reason or status.value
+            self._pending -= 1
+            if self._pending == 0:
+                self._cond.notify_all()
+            return True
+
+    def fail_all(self, status: OpStatus, reason: str) -> int:
+        """Mark every unfinished op ``status``; returns how many were marked."""
+        n = 0
+        with self._cond:
+            for i, s in enumerate(self._status):
+                if s is None:
+                    self._status[i] = status
+                    self._errors[i] = reason
+                    n += 1
+            self._pending = 0
+            self._cond.notify_all()
+        return n
+
+    def is_final(self, index: int) -> bool:
+        with self._cond:
+            return self._status[index] is not None
+
+    @property
+    def stopped(self) -> bool:
+        """True once cancelled or timed out: progress code should give up on this batch."""
+        return self._stopped
+
+    # -- caller side --
+    def poll(self) -> TransferState:
+        with self._cond:
+            return TransferState.DONE if self._pending == 0 else TransferState.PENDING
+
+    def _stop(self, status: OpStatus, reason: str) -> None:
+        with self._cond:
+            if self._pending == 0 or self._stopped:
+                return
+            self._stopped = True
+        if self._on_stop is not None:
+            self._on_stop(self, status)
+        self.fail_all(status, reason)
+
+    def wait(self, timeout: float | None = None, raise_on_timeout: bool = False) -> BatchResult:
+        limit = self.default_timeout if timeout is None else timeout
+        deadline = time.monotonic() + max(0.0, limit)
+        if self._on_wait is not None and self._pending and not self._stopped:
+            self._on_wait(self, deadline)
+        with self._cond:
+            while self._pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            timed_out = self._pending > 0
+        if timed_out:
+            self._stop(OpStatus.TIMEOUT, f"not finished within {limit:g}s")
+            if raise_on_timeout:
+                raise TransferTimeout(f"batch of {len(self.ops)} ops not finished within {limit:g}s")
+        return self.result()
+
+    def cancel(self) -> None:
+        self._stop(OpStatus.CANCELLED, "cancelled")
+
+    def result(self) -> BatchResult:
+        """Snapshot; ops still running show as TIMEOUT only after ``wait`` gave up."""
+        with self._cond:
+            status = [s if s is not None else OpStatus.TIMEOUT for s in self._status]
+            errors = dict(self._errors)
+        nbytes = sum(op.nbytes for op, s in zip(self.ops, status) if s is OpStatus.DONE)
+        return BatchResult(status=status, errors=errors, nbytes=nbytes)
