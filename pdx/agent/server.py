@@ -1,0 +1,479 @@
+"""``AgentServer``: the daemon beside one engine worker.
+
+It owns the store (created lazily by the first ``register_engine``: the pool's
+slab is one packed chunk of that layout), the transport (registered on the
+pool, listening on ``transport.host``), the jobs that move chunks, and the
+control plane (``pdx.agent.loop``): the local socket for the engine's
+connector and the peer socket for other agents. ``pdx.agent.cli`` wires it to
+the HTTP endpoint, the announcer and the engine supervisor.
+
+The handlers (``h_*``) run on the control-loop thread and never block: a lookup,
+reserve, abort, pin of L1 chunks or release is a few dict operations under the
+store's lock; what hashes bytes (commit), reads tiers (pin with lower tiers,
+remote lookups), creates the pool (first registration) or moves data (fetch,
+send, wait) runs on the executor and answers through a ``Deferred``.
+
+Engine restarts: the pool lives as long as the agent, so a restarted engine
+registers the same layout and gets the same pool with every chunk committed
+before the crash. Another layout is refused with ``LayoutError`` naming the
+fields that differ. Uncommitted reservations and pins of the dead engine
+expire on their own (``store.l1.reservation_timeout_s``, the leases).
+
+Thread-safety: the store and transport are thread-safe; ``_reg_lock`` guards
+their creation; ``status()`` and ``ready()`` may be called from any thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import pdx
+from pdx.agent.jobs import Job, JobTable
+from pdx.agent.loop import ControlLoop, Deferred, Endpoint
+from pdx.agent.metrics import AgentMetrics
+from pdx.agent.peers import PeerService
+from pdx.agent.protocol import LOCAL_OPS, WIRE_VERSION
+from pdx.agent.types import JobKind, JobState
+from pdx.config import AgentConfig, data_dir
+from pdx.errors import (
+    AgentError,
+    CapacityError,
+    IntegrityError,
+    LayoutError,
+    NotRegistered,
+    ReservationError,
+    StoreError,
+    WireError,
+)
+from pdx.keys import ChunkKey
+from pdx.layout import KVLayout
+
+if TYPE_CHECKING:
+    from pdx.agent.launcher import EngineSupervisor
+    from pdx.store.store import ChunkStore
+    from pdx.transport.base import Transport
+
+log = logging.getLogger("pdx.agent")
+
+#: longest ``wait`` the agent holds a reply for.
+MAX_WAIT_S = 600.0
+
+
+def default_name(role: str) -> str:
+    return f"{role}-{socket.gethostname()}-{os.getpid()}"
+
+
+class AgentServer:
+    """See the module docstring. ``start()`` binds and serves; ``stop()`` drains and closes."""
+
+    def __init__(self, config: AgentConfig, *, data_path: Path | None = None) -> None:
+        self.config = config
+        self.agent_id = config.name or default_name(config.role)
+        self.instance = secrets.token_hex(8)
+        self.data_dir = Path(data_path) if data_path is not None else data_dir(config.data_dir)
+        self.metrics = AgentMetrics()
+        self.loop = ControlLoop(self.instance, self.metrics, config.control.max_frame)
+        self.jobs = JobTable(config.control.job_retention_s, config.control.max_jobs, on_done=self._job_done)
+        self.executor = ThreadPoolExecutor(config.control.workers, thread_name_prefix="pdx-agent-work")
+        self.peers = PeerService(self)
+        self.store: ChunkStore | None = None
+        self.transport: Transport | None = None
+        self.layout: KVLayout | None = None
+        self.transport_address = ""
+        self.engine: EngineSupervisor | None = None
+        self.engine_url = config.engine.url
+        self.engine_pids: list[int] = []  # pids that registered, latest last
+        self.http_url = ""
+        self._reg_lock = threading.Lock()
+        self._waiters: dict[int, list[Future[Any]]] = {}
+        self._waiters_lock = threading.Lock()
+        self._draining = False
+        self._started = time.monotonic()
+        self._control: Endpoint | None = None
+        self._peer: Endpoint | None = None
+        self._stopped = False
+
+    # --- life cycle --------------------------------------------------------------------------
+
+    @property
+    def control_address(self) -> str:
+        return self._control.address if self._control is not None else ""
+
+    @property
+    def peer_address(self) -> str:
+        return self._peer.address if self._peer is not None else ""
+
+    def start(self) -> None:
+        """Bind the control (and peer) sockets and start the loop thread. Raises ``ConfigError``."""
+        cfg = self.config
+        address = cfg.control.address or f"ipc://{self.data_dir / 'run' / f'agent-{self.agent_id}.sock'}"
+        local = {op: getattr(self, f"h_{op.value}") for op in LOCAL_OPS}
+        self._control = self.loop.bind("control", address, local)
+        if cfg.control.peer_enabled:
+            host = cfg.transport.host
+            self._peer = self.loop.bind("peer", f"tcp://{host}:{cfg.control.peer_port}",
+                                        self.peers.handlers(), auth=self.peers.check_auth)
+        self.loop.every(cfg.leases.sweep_s, self._sweep)
+        self.loop.start()
+        log.info("agent %s (%s) listening: control %s, peers %s", self.agent_id, cfg.role, self.control_address,
+                 self.peer_address or "off")
+
+    def stop(self, drain_timeout_s: float | None = None) -> None:
+        """Refuse new transfers, let in-flight ones finish (bounded), then close everything. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        limit = self.config.control.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+        if not self.drain(limit):
+            left = self.jobs.active_jobs()
+            log.warning("cancelling %d job(s) still running after %.0fs", len(left), limit)
+            for job in left:
+                self.jobs.cancel(job.id)
+            self.jobs.wait_idle(5.0)
+        self.loop.stop()
+        self.peers.close()
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        if self.transport is not None:
+            self.transport.close()
+        if self.store is not None:
+            self.store.close()
+        log.info("agent %s stopped", self.agent_id)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def drain(self, timeout_s: float) -> bool:
+        """Refuse new transfers from now on and wait (up to ``timeout_s``) for in-flight ones.
+        True when none is left. Blocking; any thread."""
+        self._draining = True
+        active = self.jobs.active
+        if active:
+            log.info("draining %d in-flight transfer job(s) (up to %.0fs)", active, timeout_s)
+        return self.jobs.wait_idle(timeout_s)
+
+    def _sweep(self) -> None:
+        if self.store is not None:
+            self.store.reap()
+        self.jobs.prune()
+        self.metrics.jobs_active.set(self.jobs.active)
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def require_store(self) -> tuple[ChunkStore, Transport, KVLayout]:
+        store, transport, layout = self.store, self.transport, self.layout
+        if store is None or transport is None or layout is None:
+            raise NotRegistered("no engine has registered its KV layout with this agent yet (register_engine)")
+        return store, transport, layout
+
+    def _deferred(self, fn: Any, *args: Any, timeout_s: float | None = None) -> Deferred:
+        fut = self.executor.submit(fn, *args)
+        return Deferred(fut, timeout_s or self.config.control.request_timeout_s * 4)
+
+    def _lower_tiers(self) -> bool:
+        s = self.store
+        return s is not None and (s.disk is not None or s.redis is not None)
+
+    # --- local handlers (control-loop thread) --------------------------------------------------
+
+    def h_ping(self, a: dict[str, Any]) -> dict[str, Any]:
+        return {"agent_id": self.agent_id, "instance": self.instance, "role": self.config.role,
+                "wire_version": WIRE_VERSION, "version": pdx.__version__, "pid": os.getpid(),
+                "uptime_s": round(time.monotonic() - self._started, 3), "registered": self.store is not None,
+                "peer_address": self.peer_address}
+
+    def h_register_engine(self, a: dict[str, Any]) -> Any:
+        layout = KVLayout.from_dict(a["layout"])
+        if self.store is not None and not self._reg_lock.locked():  # an engine restart: answer at once
+            return self._register(layout, a["pid"], a["engine_url"])
+        return self._deferred(self._register, layout, a["pid"], a["engine_url"], timeout_s=120.0)
+
+    def _register(self, layout: KVLayout, pid: int, engine_url: str) -> dict[str, Any]:
+        with self._reg_lock:
+            created = self.store is None
+            if created:
+                self._create_store(layout)
+            elif self.layout is not None and layout.fingerprint != self.layout.fingerprint:
+                self.metrics.registrations.labels(outcome="refused").inc()
+                mine, theirs = self.layout.to_dict(), layout.to_dict()
+                diff = ", ".join(f"{k}: pool has {mine[k]!r}, engine has {theirs[k]!r}"
+                                 for k in mine if mine[k] != theirs.get(k))
+                raise LayoutError(f"this agent's pool was made for another KV layout ({diff}); restart the "
+                                  "agent to change the model or layout")
+            store, _transport, lay = self.require_store()
+            if pid:
+                self.engine_pids = [*self.engine_pids[-7:], pid]
+            if engine_url and not self.config.engine.url:
+                self.engine_url = engine_url
+        self.metrics.registrations.labels(outcome="created" if created else "attached").inc()
+        log.info("engine pid %s registered (%s pool %s, %d slabs of %d bytes)", pid or "?",
+                 "new" if created else "existing", store.pool_name, store.slab_count, store.slab_size)
+        return {"agent_id": self.agent_id, "instance": self.instance, "shm_name": store.pool_name,
+                "pool_nbytes": store.pool.nbytes, "slab_size": store.slab_size, "slab_count": store.slab_count,
+                "chunk_tokens": store.chunk_tokens, "chunk_bytes": lay.chunk_bytes(store.chunk_tokens),
+                "chunk_fingerprint": lay.chunk_fingerprint, "fingerprint": lay.fingerprint,
+                "namespace": self.config.store.namespace, "peer_address": self.peer_address,
+                "created": created}
+
+    def _create_store(self, layout: KVLayout) -> None:
+        from pdx.store.metrics import StoreMetrics
+        from pdx.store.store import ChunkStore
+        from pdx.transport import create
+        from pdx.transport.base import MemoryKind, MemoryRegion
+
+        cfg = self.config
+        store = ChunkStore.from_layout(cfg.store, layout, self.data_dir,
+                                       metrics=StoreMetrics(self.metrics.registry))
+        try:
+            transport = create(cfg.transport.backend, cfg.transport, layout.chunk_fingerprint)
+            try:
+                transport.register(MemoryRegion(store.pool.nbytes, MemoryKind.HOST, store.pool.buffer,
+                                                name=store.pool_name))
+                address = transport.listen()
+            except BaseException:
+                transport.close()
+                raise
+        except BaseException:
+            store.close()
+            raise
+        self.store, self.transport, self.layout = store, transport, layout
+        self.transport_address = address
+        log.info("pool %s created: %d slabs of %d bytes; transport %s listening at %s", store.pool_name,
+                 store.slab_count, store.slab_size, transport.name, address)
+
+    def h_lookup(self, a: dict[str, Any]) -> Any:
+        store, _t, _l = self.require_store()
+        if a["remote"] and store.redis is not None:
+            return self._deferred(self._lookup, store, a["keys"], True)
+        return self._lookup(store, a["keys"], False)
+
+    @staticmethod
+    def _lookup(store: ChunkStore, keys: list[bytes], remote: bool) -> dict[str, Any]:
+        r = store.lookup(cast("list[ChunkKey]", keys), remote=remote)  # keys are 16-byte bytes (checked)
+        return {"prefix_chunks": r.prefix_chunks, "chunk_tokens": r.chunk_tokens,
+                "tiers": [t.value if t is not None else None for t in r.tiers]}
+
+    def reserve_one(self, key: bytes, nbytes: int) -> list[Any]:
+        store, _t, _l = self.require_store()
+        try:
+            res = store.reserve(ChunkKey(key), nbytes)
+        except CapacityError as exc:
+            return [0, 0, 0, f"capacity: {exc}"]
+        except StoreError as exc:
+            return [0, 0, 0, str(exc)]
+        return [res.id, res.offset, res.nbytes, ""]
+
+    def h_reserve(self, a: dict[str, Any]) -> list[list[Any]]:
+        keys, nbytes = a["keys"], a["nbytes"]
+        if not isinstance(nbytes, int) and len(nbytes) != len(keys):
+            raise WireError("reserve: 'nbytes' must be one size or one per key")
+        out = []
+        full = ""
+        for i, key in enumerate(keys):
+            if full:  # the pool is full of pinned/reserved slabs: the rest would fail the same way
+                out.append([0, 0, 0, full])
+                continue
+            r = self.reserve_one(key, nbytes if isinstance(nbytes, int) else nbytes[i])
+            if r[3].startswith("capacity"):
+                full = r[3]
+            out.append(r)
+        return out
+
+    def h_commit(self, a: dict[str, Any]) -> Deferred:
+        store, _t, _l = self.require_store()
+        ids, sums, ntok = a["ids"], a["checksums"], a["num_tokens"]
+        if (sums and len(sums) != len(ids)) or (not isinstance(ntok, int) and len(ntok) != len(ids)):
+            raise WireError("commit: 'checksums' (if given) and a 'num_tokens' list need one entry per id")
+        return self._deferred(self._commit, store, ids, sums, ntok)
+
+    @staticmethod
+    def _commit(store: ChunkStore, ids: list[int], sums: list[int], ntok: int | list[int]) -> list[str]:
+        out = []
+        for i, rid in enumerate(ids):
+            try:
+                store.commit(rid, checksum=sums[i] if sums else None,
+                             num_tokens=ntok if isinstance(ntok, int) else ntok[i])
+                out.append("")
+            except IntegrityError as exc:
+                out.append(f"corrupt: {exc}")
+            except ReservationError as exc:
+                out.append(f"expired: {exc}")
+            except StoreError as exc:
+                out.append(str(exc))
+        return out
+
+    def h_abort(self, a: dict[str, Any]) -> int:
+        store, _t, _l = self.require_store()
+        n = 0
+        for rid in a["ids"]:
+            try:
+                n += bool(store.abort(rid))
+            except ReservationError:
+                pass  # being committed right now: the commit decides
+        return n
+
+    def pin_keys(self, keys: list[bytes], owner: str, lease_s: float, origin: str) -> Any:
+        """Pin the leading run of ``keys`` (promoting from lower tiers, off the loop thread if any)."""
+        store, _t, _l = self.require_store()
+        if self._lower_tiers():
+            return self._deferred(self._pin, store, keys, owner, lease_s, origin)
+        return self._pin(store, keys, owner, lease_s, origin)
+
+    def _pin(self, store: ChunkStore, keys: list[bytes], owner: str, lease_s: float,
+             origin: str) -> list[list[Any]]:
+        pins = store.get([ChunkKey(k) for k in keys], lease_s=lease_s, owner=owner)
+        now = time.monotonic()
+        out: list[list[Any]] = []
+        n = 0
+        for k, p in zip(keys, pins):
+            if p is None:
+                out.append([0, k, 0, 0, 0, 0, 0.0])
+            else:
+                n += 1
+                out.append([p.lease_id, k, p.offset, p.nbytes, p.checksum, p.num_tokens,
+                            round(p.expires_at - now, 3)])
+        if n:
+            self.metrics.leases_granted.labels(origin=origin).inc(n)
+        return out
+
+    def h_pin(self, a: dict[str, Any]) -> Any:
+        lease = min(a["lease_s"] or self.config.store.l1.lease_s, self.config.leases.max_s)
+        return self.pin_keys(a["keys"], a["owner"], lease, origin="local")
+
+    def h_unpin(self, a: dict[str, Any]) -> int:
+        store, _t, _l = self.require_store()
+        n = sum(bool(store.unpin(lid)) for lid in a["lease_ids"])
+        self.metrics.leases_released.inc(n)
+        return n
+
+    def h_release(self, a: dict[str, Any]) -> int:
+        """Drop the owner's pins and cancel its transfers (a finished or aborted request)."""
+        owner = a["owner"]
+        for job in self.jobs.active_jobs():
+            if job.request_id == owner:
+                self.jobs.cancel(job.id)
+        if self.store is None:
+            return 0
+        n = self.store.release_owner(owner)
+        self.metrics.leases_released.inc(n)
+        return n
+
+    def _start_job(self, kind: JobKind, a: dict[str, Any], **kw: Any) -> int:
+        self.require_store()
+        if self._draining:
+            raise AgentError("the agent is shutting down: no new transfers")
+        deadline = time.monotonic() + (a["deadline_s"] or self.config.transport.transfer_timeout_s)
+        job = self.jobs.create(kind, a["request_id"], a["peer"], a["keys"], deadline)
+        self.metrics.jobs_active.set(self.jobs.active)
+        self.peers.submit(self.executor, job, **kw)
+        return job.id
+
+    def h_fetch(self, a: dict[str, Any]) -> int:
+        return self._start_job(JobKind.FETCH, a, remote_owner=a["remote_owner"], pin=a["pin"])
+
+    def h_send(self, a: dict[str, Any]) -> int:
+        return self._start_job(JobKind.SEND, a)
+
+    def _job(self, job_id: int) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise AgentError(f"unknown job {job_id} (finished jobs are kept "
+                             f"{self.config.control.job_retention_s:g}s)")
+        return job
+
+    def h_job_status(self, a: dict[str, Any]) -> dict[str, Any]:
+        return self.jobs.snapshot(self._job(a["job_id"])).to_wire()
+
+    def h_wait(self, a: dict[str, Any]) -> Any:
+        job = self._job(a["job_id"])
+        with self._waiters_lock:
+            if job.state is not JobState.DONE:
+                fut: Future[Any] = Future()
+                self._waiters.setdefault(job.id, []).append(fut)
+                return Deferred(fut, min(a["timeout_s"], MAX_WAIT_S),
+                                on_timeout=lambda: self.jobs.snapshot(job).to_wire())
+        return self.jobs.snapshot(job).to_wire()
+
+    def _job_done(self, job: Job) -> None:
+        """Runs on the thread that finished the job: metrics, then wake the waiters."""
+        info = self.jobs.snapshot(job)
+        kind = job.kind.value
+        usable = sum(1 for c in info.chunks if c.status.usable)
+        result = "ok" if usable == len(info.chunks) else "partial" if usable else "failed"
+        m = self.metrics
+        m.jobs.labels(kind=kind, result=result).inc()
+        for c in info.chunks:
+            m.chunks.labels(kind=kind, status=c.status.value).inc()
+        m.bytes.labels(kind=kind).inc(info.nbytes)
+        m.transfer_seconds.labels(kind=kind).observe(info.elapsed_s)
+        m.jobs_active.set(self.jobs.active)
+        with self._waiters_lock:
+            futs = self._waiters.pop(job.id, [])
+        wire = info.to_wire()
+        for f in futs:
+            f.set_result(wire)
+
+    def h_cancel(self, a: dict[str, Any]) -> bool:
+        return self.jobs.cancel(a["job_id"])
+
+    def h_stats(self, a: dict[str, Any]) -> dict[str, Any]:
+        return self.status()
+
+    # --- status (any thread) -------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        store, transport, layout = self.store, self.transport, self.layout
+        doc: dict[str, Any] = {
+            "agent_id": self.agent_id, "instance": self.instance, "role": self.config.role,
+            "version": pdx.__version__, "wire_version": WIRE_VERSION, "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self._started, 3), "draining": self._draining,
+            "control": {"address": self.control_address, "peer_address": self.peer_address,
+                        "http": self.http_url, "pending_replies": self.loop.pending},
+            "layout": layout.to_dict() if layout is not None else None,
+            "fingerprint": layout.fingerprint if layout is not None else "",
+            "chunk_fingerprint": layout.chunk_fingerprint if layout is not None else "",
+            "chunk_tokens": self.config.store.chunk_tokens,
+            "jobs": {"active": self.jobs.active},
+            "peers": self.peers.links(),
+            "engine": self.engine.status().to_dict() if self.engine is not None else {"state": "none"},
+            "engine_pids": list(self.engine_pids),
+            "engine_url": self.engine_url,
+        }
+        if store is not None:
+            st = store.stats()
+            doc["pool"] = {"shm_name": store.pool_name, "slab_size": st.slab_size, "slab_count": st.slab_count,
+                           "free_slabs": st.free_slabs, "reserved_slabs": st.reserved_slabs,
+                           "pinned_slabs": st.pinned_slabs, "chunks": st.chunks, "used_bytes": st.used_bytes,
+                           "capacity_bytes": st.slab_count * st.slab_size, "leases": st.leases}
+            doc["tiers"] = {"l1": {"chunks": st.chunks, "used_bytes": st.used_bytes},
+                            "disk": {"enabled": store.disk is not None, "chunks": st.disk_chunks},
+                            "redis": {"enabled": store.redis is not None, "reachable": st.redis_reachable}}
+        else:
+            doc["pool"] = None
+            doc["tiers"] = None
+        if transport is not None:
+            doc["transport"] = {"backend": transport.name, "address": self.transport_address,
+                                "peers": [{"peer_id": p.peer_id, "address": p.address, "backend": p.backend}
+                                          for p in transport.peers()]}
+        else:
+            doc["transport"] = {"backend": self.config.transport.backend, "address": "", "peers": []}
+        return doc
+
+    def ready(self) -> list[str]:
+        """Why the agent is not ready (empty when it is)."""
+        problems = []
+        if self._draining:
+            problems.append("shutting down")
+        if self.store is None:
+            problems.append("store not up: no engine has registered its layout yet")
+        if self.engine is not None and not self.engine.running:
+            problems.append(f"engine {self.engine.status().state.value}")
+        return problems

@@ -1,0 +1,125 @@
+"""SIGTERM drains: an in-flight fetch finishes and is reported, new ones are refused, then exit 0.
+
+To have a transfer reliably in flight when SIGTERM arrives, the fetching agent
+reaches the source agent through a small relay (in this test process) that
+holds the first peer request for a moment before passing it on. The relay only
+forwards control frames; the chunks move over the real transport.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from pdx.agent.testing import AgentProcess
+from pdx.agent.types import ChunkStatus, JobState
+from pdx.checksum import checksum
+from pdx.errors import AgentError
+from pdx.layout import KVDtype, KVLayout
+from pdx.store.pool import attach
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+LAYOUT = KVLayout("drain-test", KVDtype.FP32, num_layers=2, num_kv_heads=2, head_size=64, block_size=16)
+HOLD_S = 2.0
+
+
+class DelayRelay:
+    """ROUTER front -> one DEALER per client to ``target``; the first request waits ``hold_s``."""
+
+    def __init__(self, target: str, hold_s: float) -> None:
+        self.ctx = zmq.Context()
+        self.front = self.ctx.socket(zmq.ROUTER)
+        self.front.setsockopt(zmq.LINGER, 0)
+        port = self.front.bind_to_random_port("tcp://127.0.0.1")
+        self.address = f"tcp://127.0.0.1:{port}"
+        self.target = target
+        self.hold_s = hold_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        backs: dict[bytes, zmq.Socket[bytes]] = {}
+        poller = zmq.Poller()
+        poller.register(self.front, zmq.POLLIN)
+        held = False
+        while not self._stop.is_set():
+            for sock, _ in poller.poll(50):
+                if sock is self.front:
+                    ident, payload = self.front.recv_multipart()
+                    if not held:
+                        held = True
+                        time.sleep(self.hold_s)
+                    back = backs.get(ident)
+                    if back is None:
+                        back = backs[ident] = self.ctx.socket(zmq.DEALER)
+                        back.setsockopt(zmq.LINGER, 0)
+                        back.connect(self.target)
+                        poller.register(back, zmq.POLLIN)
+                    back.send(payload)
+                else:
+                    ident = next(i for i, b in backs.items() if b is sock)
+                    self.front.send_multipart([ident, sock.recv()])
+        for b in backs.values():
+            b.close(0)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.front.close(0)
+        self.ctx.term()
+
+
+def test_sigterm_drains_in_flight_transfers(tmp_path: Path) -> None:
+    cfg = {"store": {"l1": {"capacity": "16MiB"}}, "http": {"enabled": False},
+           "control": {"drain_timeout_s": 20}}
+    src = AgentProcess(tmp_path, cfg, name="src")
+    dst = AgentProcess(tmp_path, cfg, name="dst")
+    relay: DelayRelay | None = None
+    src.start()
+    dst.start()
+    cs, cd = src.client(10), dst.client(10)
+    try:
+        reg = cs.register_engine(LAYOUT)
+        cd.register_engine(LAYOUT)
+        keys = [os.urandom(16) for _ in range(4)]
+        pool = attach(reg.shm_name)
+        res = cs.reserve(keys, reg.chunk_bytes)
+        sums = []
+        for i, r in enumerate(res):
+            arr = pool.array(r.offset, r.nbytes)
+            arr[:] = np.full(r.nbytes, i + 1, dtype=np.uint8)
+            sums.append(checksum(memoryview(arr)))
+            del arr
+        pool.close()
+        assert cs.commit([r.id for r in res], reg.chunk_tokens, sums) == [""] * 4
+
+        relay = DelayRelay(src.peer_address, HOLD_S)
+        job = cd.fetch(relay.address, keys, "req-drain", deadline_s=30)
+        time.sleep(0.3)  # the job is now waiting on the held peer request
+        assert cd.job_status(job).state is JobState.RUNNING
+        assert dst.proc is not None
+        dst.proc.send_signal(15)
+        time.sleep(0.3)
+        with pytest.raises(AgentError, match="shutting down"):
+            cd.fetch(src.peer_address, keys, "req-late")
+        info = cd.wait(job, 20)
+        assert info.state is JobState.DONE
+        assert [c.status for c in info.chunks] == [ChunkStatus.DONE] * 4, info.error
+        assert dst.proc.wait(30) == 0
+        log_text = (dst.data_dir / "logs" / "agent-dst.log").read_text()
+        assert "draining 1 in-flight transfer job(s)" in log_text
+    finally:
+        cs.close()
+        cd.close()
+        if relay is not None:
+            relay.close()
+        src.stop()
+        dst.stop()
