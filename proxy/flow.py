@@ -1,0 +1,381 @@
+"""The P/D request flow: route, prefill, decode, stream back; retries and aborts.
+
+For one validated generate request (``app.py`` parses and admits it):
+
+1. **Route.** Tokenize if the policy needs token ids (long prompts on a worker
+   thread), then ``policy.route`` orders the prefill and decode candidates.
+2. **Prefill** (unless the route skips it): the request with ``max_tokens=1``
+   (and ``max_completion_tokens=1`` for chat), ``stream=false``, no
+   ``stream_options``/``min_tokens``, and ``kv_transfer_params={"do_remote_decode":
+   true}``. A worker that is unreachable, times out or answers 5xx/429 is
+   recorded and the next prefill candidate is tried (``prefill_retries``); when
+   none answers, the decode worker computes the prompt itself
+   (``prefill_fallback``). A 4xx answer is the client's fault and goes back as is.
+3. **Decode**: the client's request, plus the ``kv_transfer_params`` prefill
+   returned. Nothing reaches the client until decode's first byte: a decode
+   worker that fails before it is retried on the next one (``decode_retries``).
+   After it, bytes are forwarded as they arrive, unparsed. A stream that breaks
+   later ends with an SSE ``error`` event.
+4. **Aborts.** A client that goes away cancels the handler (the server runs with
+   handler cancellation); every upstream response still open is then closed, so
+   vLLM aborts the request on both workers and frees (or lets its connector
+   release) the KV it holds.
+
+Chat requests go to both workers as the same ``messages``: both run the same
+model and chat template, so both see the same tokens, and the answer keeps the
+chat format. ``X-Request-Id`` (the client's, or a new one) goes to both workers,
+to the client and to the logs. Any ``kv_transfer_params`` sent by the client is
+dropped: only the proxy sets it.
+
+Runs on the proxy's event loop; one ``PDFlow`` serves all requests of one proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from aiohttp import web
+
+from pdx.config import ProxyConfig
+from pdx.errors import ConnectError, NoWorkers, TransportError, UpstreamError, UpstreamTimeout
+from pdx.scheduler.policies import Route, RouteRequest, RoutingPolicy
+from pdx.scheduler.registry import Side, Worker, WorkerRegistry
+from pdx.scheduler.tokenizer import Tokenizer, render_plain_chat
+from proxy.metrics import ProxyMetrics
+from proxy.upstream import UpstreamPool, UpstreamResponse
+
+log = logging.getLogger("pdx.proxy")
+
+#: prompts longer than this (characters) are tokenized on a worker thread.
+TOKENIZE_INLINE_CHARS = 2048
+_PREFILL_DROP = ("stream_options", "min_tokens", "kv_transfer_params")
+
+
+class Endpoint(str, Enum):
+    COMPLETIONS = "completions"
+    CHAT = "chat"
+
+    @property
+    def path(self) -> str:
+        return "/v1/completions" if self is Endpoint.COMPLETIONS else "/v1/chat/completions"
+
+
+@dataclass(frozen=True)
+class Passthrough:
+    """A worker's 4xx answer, returned to the client unchanged."""
+
+    status: int
+    body: bytes
+    content_type: str
+
+
+@dataclass(frozen=True)
+class CallFailure:
+    kind: str  # connect, timeout, status, broken, empty, bad_answer
+    detail: str
+
+    @property
+    def fatal(self) -> bool:
+        """The worker is unreachable: take it out of the pool at once."""
+        return self.kind == "connect"
+
+
+def _client_error(status: int) -> bool:
+    return 400 <= status < 500 and status not in (408, 429)
+
+
+def _failure(exc: BaseException, timeout_s: float = 0.0) -> CallFailure:
+    if isinstance(exc, ConnectError):
+        return CallFailure("connect", str(exc))
+    if isinstance(exc, TimeoutError):
+        return CallFailure("timeout", f"no answer within {timeout_s:g}s")
+    return CallFailure("broken", str(exc))
+
+
+def _decode_body(body: dict[str, Any], raw: bytes | None, kv_params: Any) -> bytes:
+    """The decode request: the client's body plus ``kv_transfer_params``. Long prompts make
+    serializing costly, so the client's own bytes are reused (and extended) when possible."""
+    if raw is not None and b"\x00" not in raw[:4]:  # UTF-16/32 bodies (JSON allows them): re-encode
+        raw = raw.rstrip()
+        if kv_params is None:
+            return raw
+        if raw.endswith(b"}"):
+            return raw[:-1] + b',"kv_transfer_params":' + json.dumps(kv_params).encode() + b"}"
+    if kv_params is not None:
+        body = {**body, "kv_transfer_params": kv_params}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+class PDFlow:
+    def __init__(self, cfg: ProxyConfig, registry: WorkerRegistry, policy: RoutingPolicy,
+                 pool: UpstreamPool, metrics: ProxyMetrics, tokenizer: Tokenizer | None = None) -> None:
+        self.cfg = cfg
+        self.registry = registry
+        self.policy = policy
+        self.pool = pool
+        self.metrics = metrics
+        self.tokenizer = tokenizer
+        self._auth = {"Authorization": f"Bearer {cfg.upstream_api_key}"} if cfg.upstream_api_key else {}
+
+    # --- routing ---------------------------------------------------------------------------
+
+    async def _route_request(self, endpoint: Endpoint, body: dict[str, Any], rid: str) -> RouteRequest:
+        chat = endpoint is Endpoint.CHAT
+        max_tokens = body.get("max_completion_tokens") if chat else None
+        max_tokens = max_tokens or body.get("max_tokens") or (256 if chat else 16)
+        if not isinstance(max_tokens, int):
+            max_tokens = 16
+        token_ids: list[int] | None = None
+        if chat:
+            text = render_plain_chat(body["messages"])
+        else:
+            prompt = body["prompt"]
+            if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):
+                prompt = prompt[0]  # a batch of token-id prompts: route on the first
+            if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+                token_ids = prompt
+                text = ""
+            else:
+                text = prompt[0] if isinstance(prompt, list) else prompt
+        if token_ids is None and self.policy.needs_tokens and self.tokenizer is not None:
+            token_ids = await self._tokenize(endpoint, body, text, rid)
+        estimate = len(token_ids) if token_ids is not None else len(text) // 4 + 1
+        return RouteRequest(rid, estimate, max_tokens, token_ids)
+
+    async def _tokenize(self, endpoint: Endpoint, body: dict[str, Any], text: str,
+                        rid: str) -> list[int] | None:
+        tok = self.tokenizer
+        assert tok is not None
+
+        def run() -> list[int]:
+            if endpoint is Endpoint.CHAT:
+                return tok.encode_chat(body["messages"])
+            return tok.encode(text)
+
+        try:
+            if len(text) <= TOKENIZE_INLINE_CHARS:
+                return run()
+            return await asyncio.get_running_loop().run_in_executor(None, run)
+        except Exception as exc:  # a tokenizer bug must not fail the request: route without cache
+            log.warning("request %s: cannot tokenize for routing (%s: %s)", rid,
+                        exc.__class__.__name__, exc)
+            return None
+
+    # --- the flow --------------------------------------------------------------------------
+
+    async def serve(self, request: web.Request, endpoint: Endpoint, body: dict[str, Any],
+                    rid: str, t0: float, raw: bytes | None = None) -> web.StreamResponse:
+        """Serve one admitted request; raises ``ProxyError`` subclasses for the client.
+
+        ``raw`` is the body as received: when given (and it carries no ``kv_transfer_params``)
+        the decode request reuses its bytes instead of serializing ``body`` again.
+        """
+        if body.pop("kv_transfer_params", None) is not None:
+            raw = None
+        rreq = await self._route_request(endpoint, body, rid)
+        decode = self.registry.candidates(Side.DECODE)
+        if not decode:
+            raise NoWorkers("no healthy decode worker", retry_after=self.cfg.retry_after_s)
+        route = self.policy.route(rreq, self.registry.candidates(Side.PREFILL), decode)
+        self.metrics.count_route(route.reason)
+        if route.total_chunks:
+            self.metrics.cached_chunks.inc(route.cached_chunks)
+            self.metrics.prompt_chunks.inc(route.total_chunks)
+        headers = {"Content-Type": "application/json", "X-Request-Id": rid, **self._auth}
+        kv_params: Any = None
+        prefill_used: Worker | None = None
+        if route.prefill:
+            got = await self._prefill(endpoint, body, rreq, route.prefill, headers)
+            if isinstance(got, Passthrough):
+                return self._passthrough(got, rid)
+            if got is not None:
+                kv_params, prefill_used = got
+        data = _decode_body(body, raw, kv_params)
+        resp, decode_used = await self._decode(request, endpoint, body.get("stream") is True, data,
+                                               rreq, route, headers, t0)
+        if self.cfg.log_requests:
+            log.info("request %s %s: prefill=%s decode=%s route=%s cached=%d/%d status=%d ms=%.1f",
+                     rid, endpoint.value, prefill_used.id if prefill_used else "-", decode_used.id,
+                     route.reason, route.cached_chunks, route.total_chunks, resp.status,
+                     (time.perf_counter() - t0) * 1e3)
+        return resp
+
+    def _passthrough(self, p: Passthrough, rid: str) -> web.Response:
+        return web.Response(status=p.status, body=p.body, headers={"X-Request-Id": rid},
+                            content_type=p.content_type or "application/json")
+
+    async def _prefill(self, endpoint: Endpoint, body: dict[str, Any], rreq: RouteRequest,
+                       workers: Sequence[Worker], headers: dict[str, str],
+                       ) -> tuple[Any, Worker] | Passthrough | None:
+        """``(kv_transfer_params, worker)``, a client-error ``Passthrough``, or None (fall back)."""
+        pbody = {k: v for k, v in body.items() if k not in _PREFILL_DROP}
+        pbody["stream"] = False
+        pbody["max_tokens"] = 1
+        if endpoint is Endpoint.CHAT:
+            pbody["max_completion_tokens"] = 1
+        pbody["kv_transfer_params"] = {"do_remote_decode": True}
+        data = json.dumps(pbody, separators=(",", ":")).encode()
+        cost = rreq.cost(Side.PREFILL)
+        failures: list[str] = []
+        for i, w in enumerate(workers[: 1 + self.cfg.prefill_retries]):
+            if i:
+                self.metrics.retries.labels("prefill").inc()
+            self.registry.begin(w, cost)
+            try:
+                got = await self._prefill_once(w, endpoint, data, headers)
+            finally:
+                self.registry.end(w, cost)
+            if isinstance(got, CallFailure):
+                self._record_failure(w, Side.PREFILL, got, rreq.request_id)
+                failures.append(f"{w.id}: {got.kind} ({got.detail})")
+                continue
+            if isinstance(got, Passthrough):
+                return got
+            self.registry.record_success(w)
+            self.policy.observe(rreq, w)
+            return got.get("kv_transfer_params") if isinstance(got, dict) else None, w
+        detail = "; ".join(failures) or "no prefill worker tried"
+        if not self.cfg.prefill_fallback:
+            raise UpstreamError(f"prefill failed on every worker tried: {detail}",
+                                retry_after=self.cfg.retry_after_s)
+        log.warning("request %s: prefill failed (%s); decode computes the prompt", rreq.request_id, detail)
+        self.metrics.prefill_fallback.inc()
+        return None
+
+    async def _prefill_once(self, w: Worker, endpoint: Endpoint, data: bytes,
+                            headers: dict[str, str]) -> Any:
+        resp: UpstreamResponse | None = None
+        try:
+            async with asyncio.timeout(self.cfg.prefill_timeout_s):
+                resp = await self.pool.request(w.url, "POST", endpoint.path, data, headers)
+                raw = await resp.read()
+        except (TimeoutError, TransportError) as exc:
+            return _failure(exc, self.cfg.prefill_timeout_s)
+        finally:
+            if resp is not None:
+                resp.close()  # no-op when read to the end; aborts the worker's request otherwise
+        if resp.status == 200:
+            try:
+                return json.loads(raw)
+            except ValueError:
+                return CallFailure("bad_answer", "prefill answer is not JSON")
+        if _client_error(resp.status):
+            return Passthrough(resp.status, raw, resp.content_type)
+        return CallFailure("status", f"HTTP {resp.status}: {raw[:200]!r}")
+
+    def _record_failure(self, w: Worker, side: Side, f: CallFailure, rid: str) -> None:
+        self.metrics.upstream_errors.labels(side.value, f.kind).inc()
+        log.warning("request %s: %s worker %s failed: %s (%s)", rid, side.value, w.id, f.kind, f.detail)
+        self.registry.record_failure(w, f"{f.kind}: {f.detail}", fatal=f.fatal)
+
+    async def _decode(self, request: web.Request, endpoint: Endpoint, stream: bool, data: bytes,
+                      rreq: RouteRequest, route: Route, headers: dict[str, str],
+                      t0: float) -> tuple[web.StreamResponse, Worker]:
+        cost = rreq.cost(Side.DECODE)
+        failures: list[CallFailure] = []
+        for i, w in enumerate(route.decode[: 1 + self.cfg.decode_retries]):
+            if i:
+                self.metrics.retries.labels("decode").inc()
+            self.registry.begin(w, cost)
+            upstream: UpstreamResponse | None = None
+            try:
+                try:
+                    async with asyncio.timeout(self.cfg.first_token_timeout_s):
+                        upstream = await self.pool.request(w.url, "POST", endpoint.path, data, headers)
+                        if upstream.status != 200 or not stream:
+                            raw = await upstream.read()
+                        else:
+                            raw = await upstream.readany()
+                except (TimeoutError, TransportError) as exc:
+                    f = _failure(exc, self.cfg.first_token_timeout_s)
+                else:
+                    assert upstream is not None
+                    if upstream.status != 200 and _client_error(upstream.status):
+                        return self._passthrough(Passthrough(upstream.status, raw, upstream.content_type),
+                                                 rreq.request_id), w
+                    if upstream.status != 200:
+                        f = CallFailure("status", f"HTTP {upstream.status}: {raw[:200]!r}")
+                    elif not raw:
+                        f = CallFailure("empty", "decode closed its answer before the first byte")
+                    else:
+                        self.registry.record_success(w)
+                        self.policy.observe(rreq, w)
+                        if not stream:
+                            return self._plain(raw, upstream.content_type, rreq.request_id, endpoint,
+                                               t0), w
+                        return await self._pump(request, endpoint, upstream, raw, rreq.request_id, t0), w
+                failures.append(f)
+                self._record_failure(w, Side.DECODE, f, rreq.request_id)
+            finally:
+                self.registry.end(w, cost)
+                if upstream is not None:
+                    upstream.close()  # no-op when fully read; aborts the worker's request otherwise
+        detail = "; ".join(f"{f.kind} ({f.detail})" for f in failures)
+        if failures and all(f.kind == "timeout" for f in failures):
+            raise UpstreamTimeout(f"decode timed out: {detail}", retry_after=self.cfg.retry_after_s)
+        raise UpstreamError(f"decode failed on every worker tried: {detail}",
+                            retry_after=self.cfg.retry_after_s)
+
+    def _plain(self, raw: bytes, content_type: str, rid: str, endpoint: Endpoint,
+               t0: float) -> web.Response:
+        self.metrics.observe_ttfb(endpoint.value, time.perf_counter() - t0)
+        return web.Response(body=raw, headers={"X-Request-Id": rid},
+                            content_type=content_type or "application/json")
+
+    async def _pump(self, request: web.Request, endpoint: Endpoint, upstream: UpstreamResponse,
+                    first: bytes, rid: str, t0: float) -> web.StreamResponse:
+        """Forward decode's stream; closes ``upstream`` when the client leaves."""
+        out = web.StreamResponse(headers={
+            "Content-Type": upstream.headers.get("content-type", "text/event-stream"),
+            "Cache-Control": "no-cache", "X-Request-Id": rid})
+        # One timer per stream, not one per chunk: each chunk only stamps the time, and the
+        # watchdog re-arms itself until the stream has been idle for read_timeout_s.
+        loop = asyncio.get_running_loop()
+        read_timeout = self.cfg.read_timeout_s
+        last = [loop.time()]
+        stalled = [False]
+        timer: list[asyncio.TimerHandle] = []
+
+        def watchdog() -> None:
+            due = last[0] + read_timeout
+            if loop.time() >= due:
+                stalled[0] = True
+                upstream.close()  # the pending read fails at once
+            else:
+                timer[0] = loop.call_at(due, watchdog)
+
+        timer.append(loop.call_at(last[0] + read_timeout, watchdog))
+        try:
+            await out.prepare(request)
+            await out.write(first)
+            self.metrics.observe_ttfb(endpoint.value, time.perf_counter() - t0)
+            while True:
+                try:
+                    chunk = await upstream.readany()
+                except TransportError as exc:
+                    f = CallFailure("timeout", f"no data for {read_timeout:g}s") if stalled[0] \
+                        else _failure(exc)
+                    log.warning("request %s: decode stream broke: %s (%s)", rid, f.kind, f.detail)
+                    self.metrics.upstream_errors.labels("decode", "stream_" + f.kind).inc()
+                    err = {"error": {"message": f"the decode worker's stream broke: {f.kind}",
+                                     "type": "upstream_error", "param": None, "code": "stream_broken"}}
+                    await out.write(b"data: " + json.dumps(err).encode() + b"\n\n")
+                    break
+                if not chunk:
+                    break
+                last[0] = loop.time()
+                await out.write(chunk)
+            await out.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError):
+            upstream.close()
+            raise
+        finally:
+            timer[0].cancel()
+        return out
