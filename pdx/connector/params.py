@@ -1,0 +1,227 @@
+"""The ``kv_transfer_params`` pdx reads and writes, validated.
+
+vLLM carries a free-form ``kv_transfer_params`` dict from the HTTP request into
+the engine (``Request.kv_transfer_params``) and from ``request_finished`` back
+into the HTTP response. pdx uses vLLM's P/D convention for the two flags and
+puts its own fields under the ``"pdx"`` key:
+
+* A client (or pdx-proxy) sends a prompt to the prefill engine with
+  ``{"do_remote_decode": true}``.
+* The prefill engine's connector answers (``request_finished``) with
+  ``{"do_remote_prefill": true, "do_remote_decode": false, "pdx": {...}}`` where
+  ``pdx`` is a ``RemotePrefill``: the prefill agent's peer address, the chunk
+  fingerprint, chunk size, namespace, how many leading tokens it holds and the
+  chunk keys (hex), plus the wire version.
+* The caller sends the same prompt with those params to the decode engine,
+  whose connector fetches the chunks through its own agent.
+
+Everything here is pure data (no vLLM, no sockets): ``parse_request_params``
+turns the raw dict into a typed ``RequestParams`` or raises
+``TransferParamsError`` naming the offending field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pdx.errors import TransferParamsError
+from pdx.keys import KEY_BYTES, ChunkKey
+
+#: version of the ``"pdx"`` block; a decode side rejects any other.
+PARAMS_VERSION = 1
+
+#: the key under which pdx's own fields travel inside ``kv_transfer_params``.
+PDX_KEY = "pdx"
+
+#: bounds that keep a hostile or garbled dict from costing memory or time.
+MAX_KEYS = 65536
+MAX_STR = 1024
+
+_REMOTE_FIELDS = {"v", "agent", "fingerprint", "chunk_tokens", "num_tokens", "keys", "namespace",
+                  "request_id", "lease_s"}
+_REQUIRED = {"v", "agent", "fingerprint", "chunk_tokens", "num_tokens"}
+
+
+@dataclass(frozen=True)
+class RemotePrefill:
+    """Where a prefill engine left a prompt's KV, and how to name its chunks.
+
+    ``num_tokens`` is a multiple of ``chunk_tokens``: only full chunks are offered.
+    ``keys`` (may be empty: the decode side then trusts its own computation) lets
+    the decode side check that it hashes the same prompt the same way before it
+    loads anything.
+    """
+
+    agent: str  # the prefill agent's peer (transport) address
+    fingerprint: str  # KVLayout.chunk_fingerprint of the prefill engine
+    chunk_tokens: int
+    num_tokens: int
+    keys: tuple[ChunkKey, ...] = ()
+    namespace: str = ""
+    request_id: str = ""  # the prefill engine's request id (logs, lease release)
+    lease_s: float = 0.0  # how long the prefill agent keeps the chunks pinned
+    version: int = PARAMS_VERSION
+
+    @property
+    def num_chunks(self) -> int:
+        return self.num_tokens // self.chunk_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form (keys as hex strings) for the HTTP response."""
+        return {
+            "v": self.version,
+            "agent": self.agent,
+            "fingerprint": self.fingerprint,
+            "chunk_tokens": self.chunk_tokens,
+            "num_tokens": self.num_tokens,
+            "keys": [k.hex() for k in self.keys],
+            "namespace": self.namespace,
+            "request_id": self.request_id,
+            "lease_s": self.lease_s,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: object) -> RemotePrefill:
+        """Validate the ``"pdx"`` block; ``TransferParamsError`` names the bad field."""
+        if not isinstance(raw, Mapping):
+            raise TransferParamsError(f"kv_transfer_params.pdx: expected an object, got {_kind(raw)}")
+        if "v" in raw and raw["v"] != PARAMS_VERSION:  # another version may have other fields
+            raise TransferParamsError(
+                f"kv_transfer_params.pdx.v: this engine speaks version {PARAMS_VERSION}, got {raw['v']!r}")
+        unknown = sorted(set(raw) - _REMOTE_FIELDS)
+        if unknown:
+            raise TransferParamsError(
+                f"kv_transfer_params.pdx: unknown field {unknown[0]!r}; "
+                f"allowed: {', '.join(sorted(_REMOTE_FIELDS))}")
+        missing = sorted(_REQUIRED - set(raw))
+        if missing:
+            raise TransferParamsError(f"kv_transfer_params.pdx: missing field {missing[0]!r}")
+        version = _int(raw, "v")
+        if version != PARAMS_VERSION:
+            raise TransferParamsError(
+                f"kv_transfer_params.pdx.v: this engine speaks version {PARAMS_VERSION}, got {version}")
+        agent = _str(raw, "agent")
+        if not agent:
+            raise TransferParamsError("kv_transfer_params.pdx.agent: empty address")
+        fingerprint = _str(raw, "fingerprint")
+        chunk_tokens = _int(raw, "chunk_tokens")
+        if chunk_tokens <= 0:
+            raise TransferParamsError(f"kv_transfer_params.pdx.chunk_tokens: must be positive, got {chunk_tokens}")
+        num_tokens = _int(raw, "num_tokens")
+        if num_tokens < 0 or num_tokens % chunk_tokens:
+            raise TransferParamsError(
+                f"kv_transfer_params.pdx.num_tokens: must be a non-negative multiple of "
+                f"chunk_tokens ({chunk_tokens}), got {num_tokens}")
+        keys = _keys(raw.get("keys", []))
+        if keys and len(keys) != num_tokens // chunk_tokens:
+            raise TransferParamsError(
+                f"kv_transfer_params.pdx.keys: {len(keys)} keys for {num_tokens // chunk_tokens} chunks")
+        lease = raw.get("lease_s", 0.0)
+        if isinstance(lease, bool) or not isinstance(lease, (int, float)) or lease < 0:
+            raise TransferParamsError(f"kv_transfer_params.pdx.lease_s: expected a number >= 0, got {lease!r}")
+        return cls(
+            agent=agent, fingerprint=fingerprint, chunk_tokens=chunk_tokens, num_tokens=num_tokens,
+            keys=keys, namespace=_str(raw, "namespace", ""), request_id=_str(raw, "request_id", ""),
+            lease_s=float(lease), version=version,
+        )
+
+
+@dataclass(frozen=True)
+class RequestParams:
+    """What a request's ``kv_transfer_params`` asks of pdx.
+
+    ``remote_decode``: this (prefill) engine should keep the prompt's chunks for
+    a decode engine and answer with a ``RemotePrefill``. ``remote``: this
+    (decode) engine should load the prompt's KV from the prefill side it names.
+    """
+
+    remote_decode: bool = False
+    remote: RemotePrefill | None = None
+
+
+NO_PARAMS = RequestParams()
+
+
+def parse_request_params(raw: object) -> RequestParams:
+    """Parse ``Request.kv_transfer_params`` (may be ``None``).
+
+    Unknown top-level keys are ignored (other connectors and proxies add theirs);
+    the ``"pdx"`` block itself is strict. ``do_remote_prefill`` without a
+    ``"pdx"`` block means the params came from another connector: an error, so
+    the caller can log it and recompute instead of guessing.
+    """
+    if raw is None:
+        return NO_PARAMS
+    if not isinstance(raw, Mapping):
+        raise TransferParamsError(f"kv_transfer_params: expected an object, got {_kind(raw)}")
+    remote_decode = _flag(raw, "do_remote_decode")
+    remote_prefill = _flag(raw, "do_remote_prefill")
+    block = raw.get(PDX_KEY)
+    remote = None
+    if remote_prefill:
+        if block is None:
+            raise TransferParamsError(
+                "kv_transfer_params: do_remote_prefill is set but there is no 'pdx' block "
+                "(params from another connector?)")
+        remote = RemotePrefill.from_dict(block)
+    return RequestParams(remote_decode=remote_decode, remote=remote)
+
+
+def response_params(remote: RemotePrefill) -> dict[str, Any]:
+    """The ``kv_transfer_params`` a prefill engine returns for its decode side."""
+    return {"do_remote_prefill": True, "do_remote_decode": False, PDX_KEY: remote.to_dict()}
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _kind(v: object) -> str:
+    return type(v).__name__
+
+
+def _flag(raw: Mapping[str, Any], name: str) -> bool:
+    v = raw.get(name, False)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise TransferParamsError(f"kv_transfer_params.{name}: expected true or false, got {v!r}")
+    return v
+
+
+def _int(raw: Mapping[str, Any], name: str) -> int:
+    v = raw.get(name)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TransferParamsError(f"kv_transfer_params.pdx.{name}: expected an integer, got {v!r}")
+    return v
+
+
+def _str(raw: Mapping[str, Any], name: str, default: str | None = None) -> str:
+    v = raw.get(name, default)
+    if not isinstance(v, str):
+        raise TransferParamsError(f"kv_transfer_params.pdx.{name}: expected a string, got {_kind(v)}")
+    if len(v) > MAX_STR:
+        raise TransferParamsError(f"kv_transfer_params.pdx.{name}: longer than {MAX_STR} characters")
+    return v
+
+
+def _keys(v: object) -> tuple[ChunkKey, ...]:
+    if not isinstance(v, list):
+        raise TransferParamsError(f"kv_transfer_params.pdx.keys: expected a list of hex strings, got {_kind(v)}")
+    if len(v) > MAX_KEYS:
+        raise TransferParamsError(f"kv_transfer_params.pdx.keys: more than {MAX_KEYS} keys")
+    out = []
+    for i, item in enumerate(v):
+        try:
+            if not isinstance(item, str):
+                raise ValueError
+            key = bytes.fromhex(item)
+            if len(key) != KEY_BYTES:
+                raise ValueError
+        except ValueError:
+            raise TransferParamsError(
+                f"kv_transfer_params.pdx.keys[{i}]: expected {2 * KEY_BYTES} hex digits, got {item!r}"
+            ) from None
+        out.append(ChunkKey(key))
+    return tuple(out)

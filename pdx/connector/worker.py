@@ -1,0 +1,458 @@
+"""The worker half of ``PdxConnector``: packs KV into the agent's pool and unpacks it back.
+
+Runs in each vLLM worker process. Who calls what:
+
+* ``register`` once (vLLM's ``register_kv_caches``): registers the engine's
+  ``KVLayout`` with the local agent and maps the agent's pool (POSIX shm) by name.
+* ``start_loads`` per step (``start_load_kv``): runs the step's synchronous
+  ``LoadSpec``s (hits entirely in L1) inline and queues the others to one
+  loader thread. A load asks the agent for the chunks (a ``fetch`` from the
+  prefill agent for P/D, or a ``pin`` of local chunks for reuse, which promotes
+  them from disk or Redis), verifies each chunk's checksum, unpacks the leading
+  good ones into the request's blocks in one batch and drops its pins. Every
+  wait has a deadline.
+* ``store`` per step (``wait_for_save``, after the forward pass): reserves one
+  slab per chunk, packs the chunk straight into it, commits with the checksum.
+  Synchronous: when it returns the chunks are in the store, so the scheduler
+  half may hand their keys to a decode engine right away.
+* ``finished`` / ``take_load_errors`` per step (``get_finished`` then
+  ``get_block_ids_with_load_errors``): requests whose asynchronous load is
+  over, and the blocks vLLM must recompute. A request's failed blocks are
+  reported in the same step as the request itself (asynchronous), or in the
+  step that ran the load (synchronous), as vLLM's contract asks.
+
+A chunk that is missing, late, or fails its checksum is never unpacked: its
+blocks (and the rest of that request's load) become load errors.
+
+Buffers: the pool mapping is owned here; slab bytes may be written only between
+``reserve`` and ``commit`` and read only while pinned. The KV tensors belong to
+vLLM; the loader writes only blocks vLLM allocated to a request that is waiting
+for this load (nothing else reads them meanwhile). Thread-safety: ``start_loads``,
+``store``, ``finished`` and ``take_load_errors`` are called from vLLM's worker
+thread; the loader thread shares only the locked result sets.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from pdx.checksum import checksum
+from pdx.connector.metadata import LoadSpec, StepPlan, StoreSpec, blocks_of, token_spans
+from pdx.errors import PdxError
+from pdx.layout import KVLayout
+
+log = logging.getLogger(__name__)
+
+
+class WorkerAgent(Protocol):
+    """The ``pdx.agent.client.AgentClient`` calls the worker half makes."""
+
+    instance: str
+
+    def register_engine(self, layout: KVLayout, pid: int = 0, engine_url: str = "",
+                        timeout: float | None = None) -> Any: ...
+
+    def reserve(self, keys: Sequence[bytes], nbytes: int | Sequence[int],
+                timeout: float | None = None) -> list[Any]: ...
+
+    def commit(self, ids: Sequence[int], num_tokens: int | Sequence[int], checksums: Sequence[int] = (),
+               timeout: float | None = None) -> list[str]: ...
+
+    def abort(self, ids: Sequence[int], timeout: float | None = None) -> int: ...
+
+    def pin(self, keys: Sequence[bytes], owner: str, lease_s: float | None = None,
+            timeout: float | None = None) -> list[Any]: ...
+
+    def release(self, owner: str, timeout: float | None = None) -> int: ...
+
+    def fetch(self, peer: str, keys: Sequence[bytes], request_id: str, deadline_s: float | None = None,
+              remote_owner: str = "", pin: bool = True, timeout: float | None = None) -> int: ...
+
+    def wait(self, job_id: int, timeout_s: float) -> Any: ...
+
+    def cancel(self, job_id: int, timeout: float | None = None) -> bool: ...
+
+
+class Codec(Protocol):
+    """Pack/unpack of one chunk between the engine's paged KV and a chunk buffer.
+
+    ``spans`` are ``(block_id, first_slot, num_tokens)`` in token order; the
+    buffer holds exactly their tokens in pdx's chunk format (``pdx.kernels.format``).
+    """
+
+    def pack(self, spans: Sequence[tuple[int, int, int]], out: np.ndarray) -> None: ...
+
+    def unpack_batch(self, chunks: Sequence[tuple[Sequence[tuple[int, int, int]], np.ndarray]]) -> None:
+        """Unpack several chunks (``(spans, data)`` each) in one call."""
+
+
+class KernelCodec:
+    """``Codec`` over ``pdx.kernels`` for one worker's per-layer caches (torch imported lazily)."""
+
+    def __init__(self, layers: Sequence[Any], layout: KVLayout, impl: str = "auto") -> None:
+        self.layers = list(layers)
+        self.layout = layout
+        self.impl = impl
+
+    def pack(self, spans: Sequence[tuple[int, int, int]], out: np.ndarray) -> None:
+        from pdx.kernels import pack
+
+        pack(self.layers, self.layout, spans, out, impl=self.impl)
+
+    def unpack_batch(self, chunks: Sequence[tuple[Sequence[tuple[int, int, int]], np.ndarray]]) -> None:
+        from pdx.kernels import unpack_batch
+
+        unpack_batch(self.layers, self.layout, [(data, spans) for spans, data in chunks], impl=self.impl)
+
+
+class Pool(Protocol):
+    """The attached pool (``pdx.store.pool.AttachedPool``)."""
+
+    def array(self, offset: int, nbytes: int) -> np.ndarray: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    chunk_tokens: int
+    block_size: int
+    #: deadline of one request's load (fetch + unpack)
+    load_timeout_s: float = 30.0
+    #: lease of the pins a load holds while it unpacks
+    lease_s: float = 60.0
+    #: re-hash each chunk before unpacking it (catches anything that changed it in the pool)
+    verify_checksums: bool = True
+
+
+@dataclass
+class WorkerStats:
+    """Counters since start; read by tests, logs and the bench."""
+
+    loads: int = 0
+    loaded_chunks: int = 0
+    loaded_tokens: int = 0
+    loaded_bytes: int = 0
+    load_seconds: float = 0.0
+    failed_chunks: int = 0
+    corrupt_chunks: int = 0
+    stored_chunks: int = 0
+    stored_bytes: int = 0
+    store_skipped: int = 0
+    store_errors: int = 0
+
+
+class PdxWorkerSide:
+    """See the module docstring. One per worker process."""
+
+    def __init__(self, settings: WorkerSettings, agent: WorkerAgent, codec: Codec, pool: Pool,
+                 layout: KVLayout, chunk_bytes: int,
+                 reattach: Callable[[], tuple[Codec, Pool, int]] | None = None) -> None:
+        self.settings = settings
+        self.layout = layout
+        self.stats = WorkerStats()
+        self._agent = agent
+        self._codec = codec
+        self._pool = pool
+        self._chunk_bytes = chunk_bytes
+        self._reattach = reattach
+        self._instance = agent.instance
+        self._lock = threading.Lock()
+        self._done = threading.Condition(self._lock)
+        self._finished: set[str] = set()
+        self._errors_pending: dict[str, set[int]] = {}
+        self._errors_ready: set[int] = set()
+        self._inflight: set[str] = set()
+        self._queue: queue.Queue[LoadSpec | None] = queue.Queue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loader, name="pdx-loader", daemon=True)
+        self._thread.start()
+
+    # --- agent restarts --------------------------------------------------------------------------
+
+    def _check_agent(self) -> None:
+        """After an agent restart the pool is a new segment: register again and re-map it."""
+        if self._agent.instance == self._instance or self._reattach is None:
+            return
+        with self._lock:
+            if self._agent.instance == self._instance:
+                return
+            log.warning("pdx agent restarted (instance %s -> %s): registering again",
+                        self._instance, self._agent.instance)
+            old = self._pool
+            self._codec, self._pool, self._chunk_bytes = self._reattach()
+            self._instance = self._agent.instance
+        old.close()
+
+    # --- loads ---------------------------------------------------------------------------------
+
+    def start_loads(self, plan: StepPlan) -> None:
+        """Run the plan's synchronous loads (L1 hits: memory copies, bounded by the load
+        deadline) and queue the asynchronous ones to the loader thread."""
+        for spec in plan.loads:
+            if spec.sync:
+                t0 = time.perf_counter()
+                try:
+                    bad_from = self._load(spec)
+                except Exception as exc:
+                    log.exception("request %s: load failed: %s", spec.req_id, exc)
+                    bad_from = 0
+                self._finish_load(spec, bad_from, time.perf_counter() - t0)
+                continue
+            with self._lock:
+                self._inflight.add(spec.req_id)
+            self._queue.put(spec)
+
+    def _loader(self) -> None:
+        while True:
+            spec = self._queue.get()
+            if spec is None:
+                return
+            t0 = time.perf_counter()
+            try:
+                bad_from = self._load(spec)
+            except Exception as exc:  # never let a bug leave a request waiting forever
+                log.exception("request %s: load failed: %s", spec.req_id, exc)
+                bad_from = 0
+            self._finish_load(spec, bad_from, time.perf_counter() - t0)
+
+    def _finish_load(self, spec: LoadSpec, bad_from: int | None, seconds: float) -> None:
+        bs = self.settings.block_size
+        bad: set[int] = set()
+        if bad_from is not None and spec.chunks:
+            first = spec.chunks[bad_from]
+            bad = blocks_of(spec.block_ids, bs, first.start, spec.chunks[-1].end)
+            self.stats.failed_chunks += len(spec.chunks) - bad_from
+        good = spec.chunks[: bad_from if bad_from is not None else len(spec.chunks)]
+        tokens = sum(c.end - c.start for c in good)
+        self.stats.loads += 1
+        self.stats.loaded_chunks += len(good)
+        self.stats.loaded_tokens += tokens
+        self.stats.loaded_bytes += tokens * self.layout.token_bytes()
+        self.stats.load_seconds += seconds
+        if bad:
+            log.warning("request %s: %d of %d chunks not loaded from %s; vLLM recomputes %d blocks",
+                        spec.req_id, len(spec.chunks) - len(good), len(spec.chunks),
+                        spec.peer or "the local store", len(bad))
+        else:
+            log.info("request %s: loaded %d tokens (%d chunks) from %s in %.1f ms", spec.req_id, tokens,
+                     len(good), spec.peer or "the local store", seconds * 1e3)
+        with self._lock:
+            if spec.sync:  # vLLM wants these in the step that ran the load, and no "finished"
+                self._errors_ready |= bad
+                return
+            if bad:
+                self._errors_pending.setdefault(spec.req_id, set()).update(bad)
+            self._inflight.discard(spec.req_id)
+            self._finished.add(spec.req_id)
+            self._done.notify_all()
+
+    def _load(self, spec: LoadSpec) -> int | None:
+        """Load ``spec``; return the index of the first chunk not loaded, or None if all were."""
+        if not spec.chunks:
+            return None
+        self._check_agent()
+        owner = f"load:{spec.req_id}"
+        keys = [c.key for c in spec.chunks]
+        deadline = time.monotonic() + self.settings.load_timeout_s
+        try:
+            pins = self._pins_remote(spec, keys, owner, deadline) if spec.peer else \
+                self._agent.pin(keys, owner=owner, lease_s=self.settings.lease_s)
+        except PdxError as exc:
+            log.warning("request %s: cannot get its chunks from %s: %s", spec.req_id,
+                        spec.peer or "the local agent", exc)
+            return 0
+        try:
+            batch: list[tuple[list[tuple[int, int, int]], np.ndarray]] = []
+            bad_from: int | None = None if len(pins) >= len(spec.chunks) else len(pins)
+            for i, (chunk, pin) in enumerate(zip(spec.chunks, pins)):
+                item = self._checked_chunk(spec, chunk, pin) if pin.found else None
+                if item is None or time.monotonic() > deadline:
+                    bad_from = i
+                    break
+                batch.append(item)
+            if batch:
+                self._codec.unpack_batch(batch)
+            return bad_from
+        finally:
+            try:
+                self._agent.release(owner)
+            except PdxError as exc:
+                log.debug("release %s: %s (the lease expires on its own)", owner, exc)
+
+    def _pins_remote(self, spec: LoadSpec, keys: Sequence[bytes], owner: str, deadline: float) -> list[Any]:
+        """Fetch the chunks from the prefill agent into the local pool, pinned for ``owner``."""
+        left = max(0.1, deadline - time.monotonic())
+        job = self._agent.fetch(spec.peer, keys, request_id=owner, deadline_s=left,
+                                remote_owner=f"pd:{spec.remote_request_id}" if spec.remote_request_id else "",
+                                pin=True)
+        info = self._agent.wait(job, timeout_s=max(0.1, deadline - time.monotonic()))
+        if not info.done:
+            try:
+                self._agent.cancel(job)
+            except PdxError:
+                pass
+            log.warning("request %s: fetch from %s not done by its deadline (%.1fs)", spec.req_id,
+                        spec.peer, self.settings.load_timeout_s)
+        if info.error:
+            log.warning("request %s: fetch from %s: %s", spec.req_id, spec.peer, info.error)
+        out = []
+        for c in info.chunks:
+            if not c.status.usable or not c.lease_id:
+                if c.status.value == "corrupt":
+                    self.stats.corrupt_chunks += 1
+                log.info("request %s: chunk %s from %s: %s %s", spec.req_id, c.key.hex()[:12], spec.peer,
+                         c.status.value, c.reason)
+            out.append(_Pinned(found=c.status.usable and c.lease_id != 0, offset=c.offset, nbytes=c.nbytes,
+                               checksum=c.checksum, num_tokens=c.num_tokens))
+        return out
+
+    def _checked_chunk(self, spec: LoadSpec, chunk: Any,
+                       pin: Any) -> tuple[list[tuple[int, int, int]], np.ndarray] | None:
+        """(spans, bytes) to unpack for one pinned chunk, or None if it must not be used."""
+        ct, bs = self.settings.chunk_tokens, self.settings.block_size
+        if pin.nbytes != self._chunk_bytes or pin.num_tokens not in (0, ct):
+            log.warning("request %s: chunk %s is %d bytes / %d tokens, expected %d / %d", spec.req_id,
+                        chunk.key.hex()[:12], pin.nbytes, pin.num_tokens, self._chunk_bytes, ct)
+            return None
+        data = self._pool.array(pin.offset, pin.nbytes)
+        if self.settings.verify_checksums and checksum(data.data) != pin.checksum:
+            self.stats.corrupt_chunks += 1
+            log.warning("request %s: chunk %s failed its checksum; recomputing it", spec.req_id,
+                        chunk.key.hex()[:12])
+            return None
+        first = chunk.index * ct
+        if chunk.start > first or chunk.end < first + ct:
+            data = slice_payload(self.layout, data, ct, chunk.start - first, chunk.end - first)
+        return token_spans(spec.block_ids, bs, chunk.start, chunk.end), data
+
+    def wait_idle(self, timeout_s: float) -> None:
+        """Block up to ``timeout_s`` while loads are in flight and none has finished.
+
+        For steps without a forward pass: vLLM's engine loop then only polls for finished
+        loads, and on a few cores that spinning would starve the loader and the agent."""
+        with self._done:
+            if self._inflight and not self._finished:
+                self._done.wait(timeout_s)
+
+    def finished(self) -> set[str]:
+        """Requests whose load ended since the last call; their load errors become reportable."""
+        with self._lock:
+            done, self._finished = self._finished, set()
+            for req_id in done:
+                self._errors_ready |= self._errors_pending.pop(req_id, set())
+        return done
+
+    def take_load_errors(self) -> set[int]:
+        """Blocks vLLM must recompute (reported once)."""
+        with self._lock:
+            out, self._errors_ready = self._errors_ready, set()
+        return out
+
+    def loads_in_flight(self) -> int:
+        with self._lock:
+            return len(self._inflight)
+
+    # --- stores --------------------------------------------------------------------------------
+
+    def store(self, plan: StepPlan) -> None:
+        """Pack and commit the plan's chunks; blocks until committed. Failures are logged, not raised
+        (a chunk that is not stored is a future miss, never an error for the request)."""
+        if not plan.stores:
+            return
+        try:
+            self._check_agent()
+        except PdxError as exc:
+            log.warning("pdx agent unavailable, not storing: %s", exc)
+            return
+        for spec in plan.stores:
+            try:
+                self._store_one(spec)
+            except PdxError as exc:
+                self.stats.store_errors += 1
+                log.warning("request %s: storing %d chunks failed: %s", spec.req_id, len(spec.chunks), exc)
+
+    def _store_one(self, spec: StoreSpec) -> None:
+        ct, bs = self.settings.chunk_tokens, self.settings.block_size
+        keys = [c.key for c in spec.chunks]
+        reservations = self._agent.reserve(keys, self._chunk_bytes)
+        ids: list[int] = []
+        sums: list[int] = []
+        try:
+            for chunk, res in zip(spec.chunks, reservations):
+                if not res.id:
+                    self.stats.store_skipped += 1
+                    if res.error and not res.error.startswith("exists") and "already" not in res.error:
+                        log.debug("request %s: chunk %d not stored: %s", spec.req_id, chunk.index, res.error)
+                    continue
+                out = self._pool.array(res.offset, self._chunk_bytes)
+                spans = token_spans(spec.block_ids, bs, chunk.index * ct, (chunk.index + 1) * ct)
+                self._codec.pack(spans, out)
+                ids.append(res.id)
+                sums.append(checksum(out.data))
+        except BaseException:
+            if ids or any(r.id for r in reservations):
+                self._agent.abort([r.id for r in reservations if r.id])
+            raise
+        if not ids:
+            return
+        errors = self._agent.commit(ids, num_tokens=ct, checksums=sums)
+        failed = [e for e in errors if e]
+        self.stats.stored_chunks += len(ids) - len(failed)
+        self.stats.stored_bytes += (len(ids) - len(failed)) * self._chunk_bytes
+        if failed:
+            self.stats.store_errors += len(failed)
+            log.warning("request %s: %d chunks not committed: %s", spec.req_id, len(failed), failed[0])
+
+    # --- life cycle ----------------------------------------------------------------------------
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop the loader (after the load in progress) and unmap the pool. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+        self._pool.close()
+
+
+@dataclass(frozen=True)
+class _Pinned:
+    """A fetched chunk as the loader needs it (same fields as ``PinInfo``)."""
+
+    found: bool
+    offset: int
+    nbytes: int
+    checksum: int
+    num_tokens: int
+
+
+def slice_payload(layout: KVLayout, payload: np.ndarray, num_tokens: int, start: int, end: int) -> np.ndarray:
+    """The chunk payload of tokens ``[start, end)`` of a packed chunk of ``num_tokens`` tokens.
+
+    Follows the chunk format of ``pdx.kernels.format``: per layer, K as
+    ``[heads][head_size][tokens]`` then V as ``[heads][tokens][head_size]``. Returns a
+    new contiguous buffer (used when vLLM's own cache already holds a chunk's first tokens).
+    """
+    if not 0 <= start < end <= num_tokens:
+        raise ValueError(f"token range [{start}, {end}) outside a chunk of {num_tokens}")
+    heads, d, item = layout.heads_per_rank, layout.head_size, layout.dtype.itemsize
+    raw = np.asarray(payload, dtype=np.uint8)
+    if raw.nbytes != num_tokens * layout.token_bytes():
+        raise ValueError(f"payload of {raw.nbytes} bytes is not a chunk of {num_tokens} tokens")
+    parts = raw.reshape(layout.num_layers, 2, heads * d * num_tokens * item)
+    k = parts[:, 0].reshape(layout.num_layers, heads, d, num_tokens, item)[:, :, :, start:end]
+    v = parts[:, 1].reshape(layout.num_layers, heads, num_tokens, d, item)[:, :, start:end]
+    n = end - start
+    out = np.empty((layout.num_layers, 2, heads * d * n * item), dtype=np.uint8)
+    out[:, 0] = k.reshape(layout.num_layers, -1)
+    out[:, 1] = v.reshape(layout.num_layers, -1)
+    return out.reshape(-1)

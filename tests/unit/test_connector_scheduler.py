@@ -1,0 +1,297 @@
+"""The scheduler half: matches, load plans, store plans, P/D params; against a fake agent."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from connector_fakes import PEERS, FakeAgent
+
+from pdx.connector.agent import SchedulerPort
+from pdx.connector.params import RemotePrefill, parse_request_params, response_params
+from pdx.connector.scheduler import PdxSchedulerSide, SchedulerSettings
+from pdx.keys import chunk_keys
+
+CT, BS, FP = 128, 128, "fp-test"
+
+
+@pytest.fixture(autouse=True)
+def _clear_peers() -> Any:
+    yield
+    PEERS.clear()
+
+
+def _side(agent: FakeAgent | None = None, **over: Any) -> PdxSchedulerSide:
+    fields: dict[str, Any] = dict(chunk_tokens=CT, block_size=BS, chunk_fingerprint=FP,
+                                  peer_address="tcp://127.0.0.1:7001")
+    fields.update(over)
+    port = SchedulerPort(agent, 1.0, False, 1.0) if agent is not None else None
+    return PdxSchedulerSide(SchedulerSettings(**fields), port)
+
+
+def _req(req_id: str, n: int, params: dict[str, Any] | None = None, seed: int = 0) -> SimpleNamespace:
+    return SimpleNamespace(request_id=req_id, prompt_token_ids=[(seed * 7919 + i) % 5000 for i in range(n)],
+                           kv_transfer_params=params)
+
+
+def _keys(req: SimpleNamespace) -> list[bytes]:
+    return list(chunk_keys(req.prompt_token_ids, FP, CT))
+
+
+def _fill(agent: FakeAgent, keys: Sequence[bytes]) -> None:
+    import numpy as np
+
+    for k in keys:
+        agent.put(k, np.zeros(16, dtype=np.uint8), CT)
+
+
+def _new(req_id: str, blocks: list[int], computed: int) -> SimpleNamespace:
+    return SimpleNamespace(req_id=req_id, block_ids=(blocks,), num_computed_tokens=computed)
+
+
+def _out(new: list[SimpleNamespace] = (), cached: list[tuple[str, list[int] | None, int]] = (),  # type: ignore[assignment]
+         scheduled: dict[str, int] | None = None, resumed: set[str] | None = None) -> SimpleNamespace:
+    c = SimpleNamespace(req_ids=[x[0] for x in cached],
+                        new_block_ids=[(x[1],) if x[1] is not None else None for x in cached],
+                        num_computed_tokens=[x[2] for x in cached], resumed_req_ids=resumed or set())
+    return SimpleNamespace(scheduled_new_reqs=list(new), scheduled_cached_reqs=c,
+                           num_scheduled_tokens=scheduled or {})
+
+
+def test_miss_then_store_plan_follows_chunked_prefill() -> None:
+    agent = FakeAgent(slab_size=4096)
+    side = _side(agent)
+    req = _req("a", 600)
+    assert side.matched_tokens(req, 0) == (0, False)
+    side.after_alloc(req, [10, 11, 12], 0)
+    # Step 1 computes 300 tokens: chunk 0 (0..127) and chunk 1 (128..255) are complete.
+    plan = side.build_step(_out(new=[_new("a", [10, 11, 12], 0)], scheduled={"a": 300}))
+    assert plan.loads == []
+    assert [(s.req_id, [c.index for c in s.chunks], s.block_ids) for s in plan.stores] == \
+        [("a", [0, 1], (10, 11, 12))]
+    assert [c.key for c in plan.stores[0].chunks] == _keys(req)[:2]
+    # Step 2 computes the rest (two more blocks appended): chunks 2 and 3; 600 // 128 = 4 full chunks.
+    plan = side.build_step(_out(cached=[("a", [13, 14], 300)], scheduled={"a": 300}))
+    assert [[c.index for c in s.chunks] for s in plan.stores] == [[2, 3]]
+    assert plan.stores[0].block_ids == (10, 11, 12, 13, 14)
+    # Decode steps: nothing new to store.
+    plan = side.build_step(_out(cached=[("a", None, 600)], scheduled={"a": 1}))
+    assert plan.stores == []
+    assert side.finished(req, completed=True) == (False, None)
+    assert side.num_live_requests() == 0
+
+
+def test_local_l1_hit_leaves_last_token_and_loads_in_the_step() -> None:
+    agent = FakeAgent(slab_size=4096)
+    side = _side(agent)
+    req = _req("b", 4 * CT)  # exactly 4 chunks: the last one must not be loaded
+    _fill(agent, _keys(req))
+    assert side.matched_tokens(req, 0) == (3 * CT, False)  # all in L1: synchronous
+    assert side.pending_peer("b") == ""
+    side.after_alloc(req, [1, 2, 3, 4], 3 * CT)
+    plan = side.build_step(_out())
+    (load,) = plan.loads
+    assert load.peer == "" and load.block_ids == (1, 2, 3, 4) and load.sync
+    assert [(c.index, c.start, c.end) for c in load.chunks] == [(0, 0, 128), (1, 128, 256), (2, 256, 384)]
+    assert [c.key for c in load.chunks] == _keys(req)[:3]
+    assert side.build_step(_out()).loads == []  # handed over once
+    # After the load, the request is scheduled with 384 computed tokens: chunk 3 gets stored
+    # (the store already holds it here, so nothing is planned).
+    plan = side.build_step(_out(new=[_new("b", [1, 2, 3, 4], 3 * CT)], scheduled={"b": CT}))
+    assert plan.stores == []
+
+
+@pytest.mark.parametrize("why", ["on_disk", "sync_off"])
+def test_hits_needing_io_load_asynchronously(why: str) -> None:
+    agent = FakeAgent(slab_size=4096)
+    side = _side(agent, sync_l1_loads=why != "sync_off")
+    req = _req("b2", 4 * CT)
+    _fill(agent, _keys(req))
+    if why == "on_disk":
+        agent.on_disk = {_keys(req)[2]}
+    assert side.matched_tokens(req, 0) == (3 * CT, True)
+    side.after_alloc(req, [1, 2, 3, 4], 3 * CT)
+    (load,) = side.build_step(_out()).loads
+    assert not load.sync
+
+
+def test_hit_beyond_vllm_prefix_cache_and_partial_chunk() -> None:
+    agent = FakeAgent(slab_size=4096)
+    side = _side(agent, chunk_tokens=256)
+    req = _req("c", 1000)
+    keys = list(chunk_keys(req.prompt_token_ids, FP, 256))
+    _fill(agent, keys[:3])
+    # vLLM's own cache holds one 128-token block: pdx supplies 128..768.
+    assert side.matched_tokens(req, 128) == (768 - 128, False)
+    side.after_alloc(req, list(range(8)), 640)
+    (load,) = side.build_step(_out()).loads
+    assert [(c.index, c.start, c.end) for c in load.chunks] == [(0, 128, 256), (1, 256, 512), (2, 512, 768)]
+    # vLLM's cache already covers everything pdx has: no load
+    assert side.matched_tokens(_req("d", 1000), 768) == (0, False)
+
+
+def test_lookup_failure_is_a_miss() -> None:
+    agent = FakeAgent(slab_size=4096, down=True)
+    side = _side(agent)
+    assert side.matched_tokens(_req("e", 1000), 0) == (0, False)
+    assert side.stats.lookup_errors == 1
+
+
+def test_no_reuse_when_disabled() -> None:
+    agent = FakeAgent(slab_size=4096)
+    side = _side(agent, reuse=False)
+    req = _req("f", 1000)
+    _fill(agent, _keys(req))
+    assert side.matched_tokens(req, 0) == (0, False)
+    assert "lookup" not in agent.calls
+
+
+def test_prefill_pins_and_answers_params_for_decode() -> None:
+    agent = FakeAgent(slab_size=4096)
+    side = _side(agent, lease_s=45.0)
+    req = _req("p1", 1500, params={"do_remote_decode": True})
+    assert side.matched_tokens(req, 0) == (0, False)
+    side.after_alloc(req, list(range(12)), 0)
+    plan = side.build_step(_out(new=[_new("p1", list(range(12)), 0)], scheduled={"p1": 1500}))
+    (store,) = plan.stores
+    assert len(store.chunks) == 1500 // CT
+    _fill(agent, [c.key for c in store.chunks])  # the worker would have committed them
+    delay, params = side.finished(req, completed=True)
+    assert delay is False and params is not None
+    remote = parse_request_params(params).remote
+    assert remote is not None
+    assert remote.num_tokens == 11 * CT and remote.keys == tuple(_keys(req)[:11])
+    assert remote.agent == "tcp://127.0.0.1:7001" and remote.fingerprint == FP and remote.lease_s == 45.0
+    assert remote.request_id == "p1"
+    assert agent.pins == {"pd:p1": 11}
+
+
+def test_prefill_offers_only_what_the_agent_holds() -> None:
+    agent = FakeAgent(slab_size=4096)
+    side = _side(agent)
+    req = _req("p2", 1000, params={"do_remote_decode": True})
+    side.matched_tokens(req, 0)
+    side.after_alloc(req, list(range(8)), 0)
+    (store,) = side.build_step(_out(new=[_new("p2", list(range(8)), 0)], scheduled={"p2": 1000})).stores
+    _fill(agent, [c.key for c in store.chunks[:2]])
+    _, params = side.finished(req, completed=True)
+    remote = parse_request_params(params).remote
+    assert remote is not None and remote.num_tokens == 2 * CT
+    # aborted: no params
+    req2 = _req("p3", 1000, params={"do_remote_decode": True})
+    side.matched_tokens(req2, 0)
+    assert side.finished(req2, completed=False) == (False, None)
+
+
+def test_prefill_pin_failure_offers_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    agent = FakeAgent(slab_size=4096)
+    side = _side(agent)
+    req = _req("p4", 1000, params={"do_remote_decode": True})
+    side.matched_tokens(req, 0)
+    side.build_step(_out(new=[_new("p4", list(range(8)), 0)], scheduled={"p4": 1000}))
+    agent.down = True
+    with caplog.at_level(logging.WARNING):
+        _, params = side.finished(req, completed=True)
+    assert parse_request_params(params).remote.num_tokens == 0  # type: ignore[union-attr]
+    assert "could not pin" in caplog.text
+
+
+def _decode_params(req: SimpleNamespace, n_chunks: int, **over: Any) -> dict[str, Any]:
+    fields: dict[str, Any] = dict(agent="tcp://127.0.0.1:7002", fingerprint=FP, chunk_tokens=CT,
+                                  num_tokens=n_chunks * CT, keys=tuple(_keys(req)[:n_chunks]), request_id="p9")
+    fields.update(over)
+    return response_params(RemotePrefill(**fields))
+
+
+def test_decode_loads_from_the_prefill_side() -> None:
+    agent = FakeAgent(slab_size=4096)
+    side = _side(agent)
+    req = _req("d1", 1500)
+    req.kv_transfer_params = _decode_params(req, 11)
+    assert side.matched_tokens(req, 0) == (11 * CT, True)
+    assert side.pending_peer("d1") == "tcp://127.0.0.1:7002"
+    side.after_alloc(req, list(range(12)), 11 * CT)
+    (load,) = side.build_step(_out()).loads
+    assert load.peer == "tcp://127.0.0.1:7002" and load.remote_request_id == "p9"
+    assert len(load.chunks) == 11
+    # The transfer is used once: a preempted request that comes back looks in the local store.
+    assert side.matched_tokens(req, 0) == (0, False)
+    assert side.stats.remote_tokens == 11 * CT
+
+
+def test_decode_prefers_a_longer_local_hit() -> None:
+    agent = FakeAgent(slab_size=4096)
+    side = _side(agent)
+    req = _req("d2", 1500)
+    _fill(agent, _keys(req))
+    req.kv_transfer_params = _decode_params(req, 5)
+    assert side.matched_tokens(req, 0) == (11 * CT, False)
+    assert side.pending_peer("d2") == ""
+
+
+@pytest.mark.parametrize(("over", "words"), [
+    ({"fingerprint": "other"}, "chunk fingerprint"),
+    ({"chunk_tokens": 256, "num_tokens": 5 * 256, "keys": ()}, "chunk_tokens 256 differs"),
+    ({"namespace": "tenant-b"}, "namespace"),
+])
+def test_decode_refuses_incompatible_params(over: dict[str, Any], words: str,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    side = _side(FakeAgent(slab_size=4096))
+    req = _req("d3", 1500)
+    req.kv_transfer_params = _decode_params(req, 11, **over)
+    with caplog.at_level(logging.WARNING):
+        assert side.matched_tokens(req, 0) == (0, False)
+    assert words in caplog.text and "recomputing" in caplog.text
+    assert side.stats.bad_params == 1
+
+
+def test_decode_uses_only_matching_keys(caplog: pytest.LogCaptureFixture) -> None:
+    side = _side(FakeAgent(slab_size=4096))
+    req = _req("d4", 1500)
+    other = _req("x", 1500, seed=3)
+    keys = tuple(_keys(req)[:4]) + tuple(_keys(other)[4:11])
+    req.kv_transfer_params = _decode_params(req, 11, keys=keys)
+    with caplog.at_level(logging.WARNING):
+        assert side.matched_tokens(req, 0) == (4 * CT, True)
+    assert "only 4 of 11 chunk keys" in caplog.text
+
+
+def test_malformed_params_are_logged_and_ignored(caplog: pytest.LogCaptureFixture) -> None:
+    side = _side(FakeAgent(slab_size=4096))
+    req = _req("d5", 1500, params={"do_remote_prefill": True, "pdx": {"v": 99}})
+    with caplog.at_level(logging.WARNING):
+        assert side.matched_tokens(req, 0) == (0, False)
+    assert "ignoring its kv_transfer_params" in caplog.text and "pdx.v" in caplog.text
+
+
+def test_resumed_request_replaces_its_block_table() -> None:
+    side = _side(FakeAgent(slab_size=4096))
+    req = _req("g", 700)
+    side.matched_tokens(req, 0)
+    side.after_alloc(req, [1, 2], 0)
+    plan = side.build_step(_out(new=[_new("g", [1, 2], 0)], scheduled={"g": 200}))
+    assert [[c.index for c in s.chunks] for s in plan.stores] == [[0]]
+    # preempted and resumed with new blocks, recomputing from token 0
+    plan = side.build_step(_out(cached=[("g", [7, 8, 9, 10, 11, 12], 0)], scheduled={"g": 700},
+                                resumed={"g"}))
+    (store,) = plan.stores
+    assert store.block_ids == (7, 8, 9, 10, 11, 12)
+    assert [c.index for c in store.chunks] == [1, 2, 3, 4]  # 700 // 128 = 5 full chunks
+
+
+def test_consumer_stores_nothing() -> None:
+    side = _side(FakeAgent(slab_size=4096), store=False)
+    req = _req("h", 700)
+    side.matched_tokens(req, 0)
+    side.after_alloc(req, [1, 2, 3, 4, 5, 6], 0)
+    assert side.build_step(_out(new=[_new("h", [1, 2, 3, 4, 5, 6], 0)], scheduled={"h": 700})).stores == []
+
+
+def test_chunk_tokens_must_be_a_multiple_of_the_block_size() -> None:
+    from pdx.errors import PdxError
+
+    with pytest.raises(PdxError, match="multiple of the engine's block size"):
+        _side(None, chunk_tokens=100)
