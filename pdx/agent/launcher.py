@@ -87,6 +87,8 @@ def kv_transfer_config(role: str, control_address: str, timeout_s: float) -> dic
         "kv_connector": CONNECTOR_CLASS,
         "kv_connector_module_path": CONNECTOR_MODULE,
         "kv_role": KV_ROLES[role],
+        # A chunk that fails to load (missing, late, corrupt) is recomputed; vLLM's default fails the request.
+        "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {"agent_address": control_address, "agent_timeout_s": timeout_s},
     }
 

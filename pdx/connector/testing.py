@@ -31,13 +31,14 @@ class AgentEngine:
 
     ``store`` / ``transport`` are merged into the agent's config sections; ``engine_env``
     adds to the engine's environment (e.g. ``PDX__CONNECTOR__LOAD_TIMEOUT_S``);
-    ``vllm`` overrides ``VllmOptions`` fields (``model`` and ``cpu_bind`` are arguments).
+    ``vllm`` overrides ``VllmOptions`` fields (``model`` and ``cpu_bind`` are arguments);
+    ``agent`` adds other sections of the agent config (e.g. ``registration``).
     """
 
     def __init__(self, name: str, model: str | Path, role: str, workdir: Path, *, cpu_bind: str = "auto",
                  served_model_name: str = "", store: Mapping[str, Any] | None = None,
                  transport: Mapping[str, Any] | None = None, engine_env: Mapping[str, str] | None = None,
-                 vllm: Mapping[str, Any] | None = None) -> None:
+                 vllm: Mapping[str, Any] | None = None, agent: Mapping[str, Any] | None = None) -> None:
         self.name = name
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -51,7 +52,7 @@ class AgentEngine:
         env_out = {k: v for k, v in env.items() if k.startswith(_ENGINE_ENV_PREFIXES)}
         env_out.update(engine_env or {})
         config = {"role": role, "store": dict(store or {}), "transport": {"backend": "tcp", **(transport or {})},
-                  "engine": {"env": env_out, "url": self.url, "restart_backoff_s": 0.5}}
+                  "engine": {"env": env_out, "url": self.url, "restart_backoff_s": 0.5}, **(agent or {})}
         self.agent = AgentProcess(Path(workdir), config, engine=argv, name=name)
 
     @property

@@ -29,6 +29,7 @@ def test_vllm_command_gets_the_connector_and_cpu_environment(tmp_path: Path) -> 
     kv = json.loads(argv[argv.index("--kv-transfer-config") + 1])
     assert kv["kv_connector"] == "PdxConnector" and kv["kv_connector_module_path"] == "pdx.connector.vllm"
     assert kv["kv_role"] == "kv_producer"
+    assert kv["kv_load_failure_policy"] == "recompute"
     assert kv["kv_connector_extra_config"] == {"agent_address": "ipc:///x/a.sock", "agent_timeout_s": 3.0}
     assert env[AGENT_ADDRESS_ENV] == "ipc:///x/a.sock" and env["EXTRA"] == "1"
     assert env["VLLM_HOST_IP"] == "127.0.0.1" and "VLLM_CPU_KVCACHE_SPACE" in env

@@ -1,0 +1,271 @@
+"""A local pdx deployment: vLLM workers, each under its ``pdx-agent``, behind ``pdx-proxy``.
+
+``pdx up`` runs one from ``configs/local-1p1d.yaml``: it builds (or finds) the
+embedded model, starts the proxy, then every worker's agent with its engine; the
+agents announce themselves to the proxy, which routes by cache and load. Start-up
+order matters only for the announcements: the proxy first, so the first heartbeat
+lands. ``stop`` goes the other way, by PID: each agent stops its engine, then the
+proxy stops.
+
+A running deployment leaves ``<workdir>/deployment.json`` (its pid and URLs), which
+is how ``pdx down`` finds it. One owner per object; blocking calls.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pdx.config import ProxyConfig, data_dir, doc_field
+from pdx.errors import ConfigError, PdxError
+
+STATE_FILE = "deployment.json"
+PROXY_READY_PREFIX = "pdx-proxy: serving on "
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """One vLLM worker and its agent."""
+
+    name: str = doc_field("", "name in logs and metrics; also the agent's name")
+    role: Literal["prefill", "decode", "both"] = doc_field("both", "prefill, decode or both")
+    cpu_bind: str = doc_field(
+        "auto", "cores of vLLM's OpenMP threads: 'auto', 'nobind' or core ids like '0' or '0-3'")
+    store: dict[str, Any] = doc_field({}, "agent store settings, merged over the deployment's chunk size")
+    transport: dict[str, Any] = doc_field({}, "agent transport settings (backend: tcp, shm, nixl, ucx)")
+
+
+@dataclass(frozen=True)
+class DeployConfig:
+    """Everything ``pdx up`` needs (``configs/local-1p1d.yaml``)."""
+
+    model: str = doc_field("tiny", "embedded preset (tiny, small) or the folder of a Hugging Face model")
+    served_model_name: str = doc_field("", "model name clients use; empty = the preset's name, else 'model'")
+    chunk_tokens: int = doc_field(128, "tokens per KV chunk, for every agent and the proxy's routing")
+    workdir: str = doc_field("", "logs and run files; empty = <data dir>/deploy/<config file name>")
+    start_timeout_s: float = doc_field(300.0, "limit on the whole start-up (model build excluded)")
+    vllm: dict[str, Any] = doc_field(
+        {"max_model_len": 4096, "kv_cache_gib": 1},
+        "vLLM options for every worker (see pdx.engine.vllm.VllmOptions)")
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    workers: list[WorkerSpec] = doc_field([], "the workers; at least one that can prefill and one that can decode")
+
+    def validate(self) -> None:
+        if self.chunk_tokens <= 0:
+            raise ConfigError("chunk_tokens: must be positive")
+        if self.start_timeout_s <= 0:
+            raise ConfigError("start_timeout_s: must be a positive number of seconds")
+        roles = {w.role for w in self.workers}
+        if not roles & {"prefill", "both"} or not roles & {"decode", "both"}:
+            raise ConfigError("workers: need at least one prefill (or both) and one decode (or both) worker")
+        names = [w.name for w in self.workers]
+        if "" in names or len(set(names)) != len(names):
+            raise ConfigError(f"workers[].name: every worker needs a unique name, got {names}")
+        self.proxy.validate()
+
+
+class Deployment:
+    """See the module docstring."""
+
+    def __init__(self, cfg: DeployConfig, name: str = "local",
+                 progress: Callable[[str], None] = lambda _msg: None) -> None:
+        self.cfg = cfg
+        self.name = name
+        self.progress = progress
+        self.workdir = Path(cfg.workdir) if cfg.workdir else data_dir() / "deploy" / name
+        self.workers: dict[str, Any] = {}  # name -> pdx.connector.testing.AgentEngine
+        self.proxy_proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+        self.model_path = ""
+        self.served_model_name = cfg.served_model_name
+        self.run_root: Path | None = None
+
+    # --- start ---------------------------------------------------------------------------------
+
+    def start(self) -> Deployment:
+        """Build the model if needed, start the proxy, then the workers; wait until the proxy
+        routes to all of them. Anything started is stopped again when this fails."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        other = read_state(self.workdir)
+        if other is not None:
+            raise PdxError(f"a deployment (pid {other['pid']}) already runs from {self.workdir}; "
+                           f"stop it with 'pdx down' or Ctrl-C")
+        self._resolve_model()
+        deadline = time.monotonic() + self.cfg.start_timeout_s
+        try:
+            self._start_proxy(deadline)
+            self._start_workers(deadline)
+            self._wait_routable(deadline)
+        except BaseException:
+            self.stop()
+            raise
+        (self.workdir / STATE_FILE).write_text(json.dumps({
+            "pid": os.getpid(), "url": self.url, "model": self.served_model_name,
+            "workers": {n: {"url": w.url, "agent": w.agent.http_url} for n, w in self.workers.items()}}))
+        return self
+
+    def _resolve_model(self) -> None:
+        from pdx.errors import ModelError
+        from pdx.model import ensure_model
+        from pdx.model.spec import preset
+
+        if Path(self.cfg.model).is_dir():
+            self.model_path = str(Path(self.cfg.model).resolve())
+            self.served_model_name = self.served_model_name or "model"
+            return
+        try:
+            spec = preset(self.cfg.model)
+        except ModelError as exc:
+            raise ConfigError(f"model: {self.cfg.model!r} is not a model folder, and {exc}") from None
+        self.progress(f"model: embedded '{spec.name}' (built on first use, cached afterwards)")
+        self.model_path = str(ensure_model(spec).path)
+        self.served_model_name = self.served_model_name or f"pdx-{spec.name}"
+
+    def _start_proxy(self, deadline: float) -> None:
+        cfg = self.cfg.proxy
+        doc = {"host": cfg.host, "port": cfg.port, "policy": cfg.policy, "models": [self.served_model_name],
+               "log_requests": cfg.log_requests,
+               "cache_aware": {"tokenizer": self.model_path, "chunk_tokens": self.cfg.chunk_tokens}}
+        path = self.workdir / "proxy.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        log = (self.workdir / "proxy.log").open("ab")
+        self.progress(f"proxy: starting on {cfg.host}:{cfg.port} (log {self.workdir / 'proxy.log'})")
+        self.proxy_proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy.cli", "serve", "--config", str(path)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log)
+        log.close()
+        assert self.proxy_proc.stdout is not None
+        os.set_blocking(self.proxy_proc.stdout.fileno(), False)
+        buf = b""
+        while time.monotonic() < min(deadline, time.monotonic() + 60):
+            buf += self.proxy_proc.stdout.read() or b""
+            for line in buf.decode(errors="replace").splitlines():
+                if line.startswith(PROXY_READY_PREFIX):
+                    self.url = line[len(PROXY_READY_PREFIX):].strip()
+                    return
+            if self.proxy_proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise PdxError(f"pdx-proxy did not start; see {self.workdir / 'proxy.log'}:\n{_tail(self.workdir / 'proxy.log')}")
+
+    def _start_workers(self, deadline: float) -> None:
+        from pdx.connector.testing import AgentEngine
+
+        # ipc:// socket paths must stay short: agents' run folders live under a short temp dir.
+        run_root = self.run_root = Path(tempfile.mkdtemp(prefix=f"pdx-{self.name}-"))
+        for w in self.cfg.workers:
+            engine = AgentEngine(
+                w.name, self.model_path, w.role, run_root, cpu_bind=w.cpu_bind,
+                served_model_name=self.served_model_name,
+                store={"chunk_tokens": self.cfg.chunk_tokens, **w.store}, transport=w.transport,
+                vllm={"prefix_caching": False, **self.cfg.vllm},
+                agent={"registration": {"proxy_url": self.url, "heartbeat_s": 1}})
+            self.progress(f"{w.name}: starting vLLM ({w.role}) under pdx-agent on {engine.url}")
+            engine.agent.start()
+            self.workers[w.name] = engine
+        for name, engine in self.workers.items():
+            engine.wait_ready(max(1.0, deadline - time.monotonic()))
+            self.progress(f"{name}: ready")
+
+    def _wait_routable(self, deadline: float) -> None:
+        """Until the proxy lists every worker as healthy (announced and answering /health)."""
+        import httpx
+
+        want = {w.url.rstrip("/") for w in self.workers.values()}
+        healthy: set[str] = set()
+        while time.monotonic() < deadline:
+            try:
+                doc = httpx.get(f"{self.url}/admin/workers", timeout=2.0).json()
+                healthy = {str(w.get("url", "")).rstrip("/") for w in doc.get("workers", [])
+                           if w.get("state") == "healthy"}
+                if want <= healthy:
+                    return
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.2)
+        raise PdxError(f"the proxy routes to {sorted(healthy)} but not yet to {sorted(want - healthy)}")
+
+    # --- stop ----------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop every worker (agent first stops its engine), then the proxy; by PID. Idempotent."""
+        for name in reversed(list(self.workers)):
+            self.progress(f"{name}: stopping")
+            self.workers.pop(name).stop()
+        if self.proxy_proc is not None:
+            if self.proxy_proc.poll() is None:
+                self.progress("proxy: stopping")
+                self.proxy_proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proxy_proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    self.proxy_proc.kill()
+                    self.proxy_proc.wait(5)
+            if self.proxy_proc.stdout is not None:
+                self.proxy_proc.stdout.close()
+            self.proxy_proc = None
+        if self.run_root is not None:
+            # Keep the agents' and engines' logs next to the proxy's; drop sockets and temp files.
+            for log in self.run_root.glob("*/data/logs/*.log"):
+                shutil.copy2(log, self.workdir / log.name)
+            shutil.rmtree(self.run_root, ignore_errors=True)
+            self.run_root = None
+        state = read_state(self.workdir)
+        if state is not None and state["pid"] == os.getpid():
+            (self.workdir / STATE_FILE).unlink(missing_ok=True)
+
+    def __enter__(self) -> Deployment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def read_state(workdir: Path) -> dict[str, Any] | None:
+    """The state file of a deployment whose process still runs; a stale one is removed."""
+    path = workdir / STATE_FILE
+    try:
+        state: dict[str, Any] = json.loads(path.read_text())
+        os.kill(int(state["pid"]), 0)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        path.unlink(missing_ok=True)
+        return None
+    return state
+
+
+def stop_running(workdir: Path, timeout_s: float = 60.0) -> dict[str, Any] | None:
+    """``pdx down``: SIGTERM the process of the deployment in ``workdir`` and wait for it."""
+    state = read_state(workdir)
+    if state is None:
+        return None
+    pid = int(state["pid"])
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return state
+        time.sleep(0.2)
+    raise PdxError(f"deployment process {pid} did not stop within {timeout_s:.0f} s")
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "<no log>"
