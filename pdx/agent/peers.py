@@ -190,10 +190,12 @@ class PeerService:
             return link
         srv = self.server
         _store, transport, layout = srv.require_store()
-        client = AgentClient(address, timeout_s=min(timeout, srv.config.control.request_timeout_s),
-                             max_frame=srv.config.control.max_frame)
+        # A dead peer answers nothing (ZMQ connects lazily): the hello, not the job's whole
+        # deadline, is what bounds finding that out.
+        hello_s = min(timeout, srv.config.control.request_timeout_s)
+        client = AgentClient(address, timeout_s=hello_s, max_frame=srv.config.control.max_frame)
         try:
-            info = self._hello(client, layout.chunk_fingerprint, timeout)
+            info = self._hello(client, layout.chunk_fingerprint, hello_s)
             peer = transport.connect(info["transport_address"], timeout=timeout)
         except BaseException:
             client.close()

@@ -45,13 +45,12 @@ from pdx.transport.base import (
     OpKind,
     OpStatus,
     PeerId,
-    PeerInfo,
     TransferHandle,
     TransferState,
     Transport,
     check_ops,
 )
-from pdx.transport.handshake import Message, PeerConnection, SideChannel
+from pdx.transport.handshake import Message, PeerConnection, SideChannel, SideChannelPeers
 
 log = logging.getLogger("pdx.transport.cuda_ipc")
 
@@ -223,7 +222,7 @@ class _IpcHandle(BatchHandle):
         return super().poll()
 
 
-class CudaIpcTransport(Transport):
+class CudaIpcTransport(SideChannelPeers, Transport):
     """CUDA IPC backend for GPU regions of processes on one host. Thread-safe."""
 
     name = "cuda_ipc"
@@ -253,17 +252,6 @@ class CudaIpcTransport(Transport):
         self._export = self._cuda.export(int(region.ptr))
         self._region = region
         self._side.region_nbytes = region.nbytes
-
-    def listen(self) -> str:
-        return self._side.listen()
-
-    def connect(self, address: str, timeout: float | None = None) -> PeerInfo:
-        if self._region is None:
-            raise TransportError("register a region before connecting")
-        return self._side.connect(address, timeout).info
-
-    def peers(self) -> list[PeerInfo]:
-        return [p.info for p in self._side.peers()]
 
     def post(self, peer: PeerId, kind: OpKind, ops: Sequence[ChunkOp]) -> TransferHandle:
         kind = OpKind(kind)

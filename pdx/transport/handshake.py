@@ -49,10 +49,10 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from pdx.config import TransportConfig
-from pdx.errors import AuthError, ConnectError, PeerIncompatible, WireError
+from pdx.errors import AuthError, ConnectError, PeerIncompatible, TransportError, WireError
 from pdx.transport.base import WIRE_VERSION, PeerId, PeerInfo
 from pdx.transport.framing import (
     CONTROL_FRAME_MAX,
@@ -476,3 +476,23 @@ class SideChannel:
         for th in self._threads:
             if th is not threading.current_thread():
                 th.join(max(0.0, deadline - time.monotonic()))
+
+
+class SideChannelPeers:
+    """``listen``/``connect``/``peers`` of a ``Transport`` whose peer sessions are those of its
+    ``SideChannel`` (``self._side``). Mixed in before ``Transport``."""
+
+    _side: SideChannel
+    #: connecting needs a registered region (the handshake carries what the peer must map)
+    connect_needs_region: ClassVar[bool] = True
+
+    def listen(self) -> str:
+        return self._side.listen()
+
+    def connect(self, address: str, timeout: float | None = None) -> PeerInfo:
+        if self.connect_needs_region and getattr(self, "_region", None) is None:
+            raise TransportError("register a region before connecting")
+        return self._side.connect(address, timeout).info
+
+    def peers(self) -> list[PeerInfo]:
+        return [p.info for p in self._side.peers()]

@@ -58,14 +58,13 @@ from pdx.transport.base import (
     OpKind,
     OpStatus,
     PeerId,
-    PeerInfo,
     TransferHandle,
     TransferState,
     Transport,
     check_ops,
     region_view,
 )
-from pdx.transport.handshake import Message, PeerConnection, SideChannel
+from pdx.transport.handshake import Message, PeerConnection, SideChannel, SideChannelPeers
 from pdx.transport.nixl_jobs import NixlJobs, _Batch, _describe, _Job, _Peer
 
 log = logging.getLogger("pdx.transport.nixl")
@@ -120,7 +119,7 @@ class _Handle(BatchHandle):
         return state
 
 
-class NixlTransport(NixlJobs, Transport):
+class NixlTransport(SideChannelPeers, NixlJobs, Transport):
     """NIXL backend. Thread-safe; ``post`` returns at once (the executor thread moves the bytes)."""
 
     name = "nixl"
@@ -182,17 +181,6 @@ class NixlTransport(NixlJobs, Transport):
                                      f"{mem}: {type(exc).__name__}: {exc}") from exc
         self._base, self._mem, self._region = base, mem, region
         self._side.region_nbytes = region.nbytes
-
-    def listen(self) -> str:
-        return self._side.listen()
-
-    def connect(self, address: str, timeout: float | None = None) -> PeerInfo:
-        if self._region is None:
-            raise TransportError("register a region before connecting")
-        return self._side.connect(address, timeout).info
-
-    def peers(self) -> list[PeerInfo]:
-        return [p.info for p in self._side.peers()]
 
     def post(self, peer: PeerId, kind: OpKind, ops: Sequence[ChunkOp]) -> TransferHandle:
         kind = OpKind(kind)

@@ -47,7 +47,7 @@ from pdx.transport.base import (
     check_ops,
     region_view,
 )
-from pdx.transport.handshake import Message, PeerConnection, SideChannel
+from pdx.transport.handshake import Message, PeerConnection, SideChannel, SideChannelPeers
 
 SHM_DIR = Path("/dev/shm")
 #: large ops are copied in pieces so a cancel or timeout takes effect quickly.
@@ -188,11 +188,12 @@ class _PeerMap:
                 handle.complete(i, OpStatus.DONE)
 
 
-class ShmTransport(Transport):
+class ShmTransport(SideChannelPeers, Transport):
     """Shared-memory backend for two agents on one host. Thread-safe; ``post`` returns at once."""
 
     name = "shm"
     debug_corrupt = True
+    connect_needs_region = False
 
     def __init__(self, config: TransportConfig, fingerprint: str) -> None:
         super().__init__(config, fingerprint)
@@ -222,12 +223,6 @@ class ShmTransport(Transport):
         self._array = np.frombuffer(view, dtype=np.uint8)
         self._region = region
         self._side.region_nbytes = region.nbytes
-
-    def listen(self) -> str:
-        return self._side.listen()
-
-    def connect(self, address: str, timeout: float | None = None) -> PeerInfo:
-        return self._side.connect(address, timeout).info
 
     def peers(self) -> list[PeerInfo]:
         with self._lock:

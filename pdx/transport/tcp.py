@@ -55,13 +55,19 @@ from pdx.transport.base import (
     OpKind,
     OpStatus,
     PeerId,
-    PeerInfo,
     TransferHandle,
     Transport,
     check_ops,
     region_view,
 )
-from pdx.transport.handshake import Message, PeerConnection, SideChannel, recv_frame, send_frame
+from pdx.transport.handshake import (
+    Message,
+    PeerConnection,
+    SideChannel,
+    SideChannelPeers,
+    recv_frame,
+    send_frame,
+)
 from pdx.transport.sockio import NEVER, arm, disarm, recv_into, send_views, shutdown
 
 log = logging.getLogger("pdx.transport.tcp")
@@ -245,11 +251,12 @@ class _Lane:
                     handle.complete(i, OpStatus.DONE)
 
 
-class TcpTransport(Transport):
+class TcpTransport(SideChannelPeers, Transport):
     """TCP backend. Thread-safe; ``post`` returns at once (lanes do the I/O)."""
 
     name = "tcp"
     debug_corrupt = True
+    connect_needs_region = False
 
     def __init__(self, config: TransportConfig, fingerprint: str) -> None:
         super().__init__(config, fingerprint)
@@ -272,15 +279,6 @@ class TcpTransport(Transport):
         self._view = region_view(region)
         self._region = region
         self._side.region_nbytes = region.nbytes
-
-    def listen(self) -> str:
-        return self._side.listen()
-
-    def connect(self, address: str, timeout: float | None = None) -> PeerInfo:
-        return self._side.connect(address, timeout).info
-
-    def peers(self) -> list[PeerInfo]:
-        return [p.info for p in self._side.peers()]
 
     def post(self, peer: PeerId, kind: OpKind, ops: Sequence[ChunkOp]) -> TransferHandle:
         handle = BatchHandle(ops, self.config.transfer_timeout_s,

@@ -58,13 +58,12 @@ from pdx.transport.base import (
     OpKind,
     OpStatus,
     PeerId,
-    PeerInfo,
     TransferHandle,
     Transport,
     check_ops,
     region_view,
 )
-from pdx.transport.handshake import Message, PeerConnection, SideChannel
+from pdx.transport.handshake import Message, PeerConnection, SideChannel, SideChannelPeers
 from pdx.transport.ucx_engine import UcxEngine, _Batch, _Group, _Peer, _stop
 from pdx.transport.ucx_wire import ID_BITS, OPS_PER_HDR
 
@@ -96,7 +95,7 @@ def make_worker(lib: Any) -> tuple[Any, Any]:
     return ctx, worker
 
 
-class UcxTransport(UcxEngine, Transport):
+class UcxTransport(SideChannelPeers, UcxEngine, Transport):
     """ucxx backend. Thread-safe; ``post`` returns at once (the UCX thread moves the bytes)."""
 
     name = "ucx"
@@ -144,17 +143,6 @@ class UcxTransport(UcxEngine, Transport):
         self._arr = np.frombuffer(self._view, dtype=np.uint8)
         self._region = region
         self._side.region_nbytes = region.nbytes
-
-    def listen(self) -> str:
-        return self._side.listen()
-
-    def connect(self, address: str, timeout: float | None = None) -> PeerInfo:
-        if self._region is None:
-            raise TransportError("register a region before connecting")
-        return self._side.connect(address, timeout).info
-
-    def peers(self) -> list[PeerInfo]:
-        return [p.info for p in self._side.peers()]
 
     def post(self, peer: PeerId, kind: OpKind, ops: Sequence[ChunkOp]) -> TransferHandle:
         kind = OpKind(kind)

@@ -172,6 +172,15 @@ def test_fetch_from_a_dead_peer_fails_within_its_deadline(pair: tuple[Side, Side
     assert info.error
 
 
+def test_a_dead_peer_costs_one_control_timeout_not_the_whole_deadline(pair: tuple[Side, Side]) -> None:
+    """The hello to a peer that never answers is bounded by control.request_timeout_s (5 s),
+    so a fetch with a 120 s deadline still ends long before it (the wait below is 60 s)."""
+    _a, b = pair
+    info = b.client.wait(b.client.fetch("tcp://127.0.0.1:9", new_keys(2), "req-dead-long", deadline_s=120), 60)
+    assert info.state is JobState.DONE
+    assert all(c.status in (ChunkStatus.FAILED, ChunkStatus.TIMEOUT) for c in info.chunks)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_corrupted_chunks_are_dropped_not_served(backend: str, tmp_path: Path) -> None:
     """The receiving transport flips a byte in every chunk: commit's checksum catches each one."""
