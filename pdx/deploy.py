@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pdx.config import ProxyConfig, data_dir, doc_field
+from pdx.config import ENV_PREFIX, ProxyConfig, data_dir, doc_field
 from pdx.errors import ConfigError, PdxError
 
 STATE_FILE = "deployment.json"
@@ -91,6 +91,9 @@ class Deployment:
         self.model_path = ""
         self.served_model_name = cfg.served_model_name
         self.run_root: Path | None = None
+        # PDX__ overrides were applied to this deployment's config, which is written out in full
+        # for every child; passed on, they would be read again as keys of the children's configs.
+        self.child_env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
 
     # --- start ---------------------------------------------------------------------------------
 
@@ -144,7 +147,8 @@ class Deployment:
         self.progress(f"proxy: starting on {cfg.host}:{cfg.port} (log {self.workdir / 'proxy.log'})")
         self.proxy_proc = subprocess.Popen(
             [sys.executable, "-m", "proxy.cli", "serve", "--config", str(path)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log)
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, env=self.child_env,
+            start_new_session=True)  # Ctrl-C reaches only `pdx up`, which stops everything in order
         log.close()
         assert self.proxy_proc.stdout is not None
         os.set_blocking(self.proxy_proc.stdout.fileno(), False)
@@ -171,7 +175,7 @@ class Deployment:
                 served_model_name=self.served_model_name,
                 store={"chunk_tokens": self.cfg.chunk_tokens, **w.store}, transport=w.transport,
                 vllm={"prefix_caching": False, **self.cfg.vllm},
-                agent={"registration": {"proxy_url": self.url, "heartbeat_s": 1}})
+                agent={"registration": {"proxy_url": self.url, "heartbeat_s": 1}}, env=self.child_env)
             self.progress(f"{w.name}: starting vLLM ({w.role}) under pdx-agent on {engine.url}")
             engine.agent.start()
             self.workers[w.name] = engine

@@ -89,8 +89,10 @@ class AgentProcess:
         if self.engine:
             argv += ["--", *self.engine]
         out = self.out_path.open("ab")
+        # Its own session: a Ctrl-C in the terminal reaches only the owner, which stops the agent
+        # (and so its engine) in order, instead of racing the agent's engine supervision.
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=out,
-                                     env=self.env)
+                                     env=self.env, start_new_session=True)
         out.close()
         assert self.proc.stdout is not None
         os.set_blocking(self.proc.stdout.fileno(), False)

@@ -32,13 +32,15 @@ class AgentEngine:
     ``store`` / ``transport`` are merged into the agent's config sections; ``engine_env``
     adds to the engine's environment (e.g. ``PDX__CONNECTOR__LOAD_TIMEOUT_S``);
     ``vllm`` overrides ``VllmOptions`` fields (``model`` and ``cpu_bind`` are arguments);
-    ``agent`` adds other sections of the agent config (e.g. ``registration``).
+    ``agent`` adds other sections of the agent config (e.g. ``registration``); ``env`` is the
+    agent's environment (default: this process's).
     """
 
     def __init__(self, name: str, model: str | Path, role: str, workdir: Path, *, cpu_bind: str = "auto",
                  served_model_name: str = "", store: Mapping[str, Any] | None = None,
                  transport: Mapping[str, Any] | None = None, engine_env: Mapping[str, str] | None = None,
-                 vllm: Mapping[str, Any] | None = None, agent: Mapping[str, Any] | None = None) -> None:
+                 vllm: Mapping[str, Any] | None = None, agent: Mapping[str, Any] | None = None,
+                 env: Mapping[str, str] | None = None) -> None:
         self.name = name
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -48,12 +50,12 @@ class AgentEngine:
                                   "cpu_bind": cpu_bind, "prefix_caching": False}
         fields.update(vllm or {})
         self.options = VllmOptions(**fields)
-        argv, env = vllm_command(self.options, run_dir, self.port)
-        env_out = {k: v for k, v in env.items() if k.startswith(_ENGINE_ENV_PREFIXES)}
+        argv, vllm_env = vllm_command(self.options, run_dir, self.port)
+        env_out = {k: v for k, v in vllm_env.items() if k.startswith(_ENGINE_ENV_PREFIXES)}
         env_out.update(engine_env or {})
         config = {"role": role, "store": dict(store or {}), "transport": {"backend": "tcp", **(transport or {})},
                   "engine": {"env": env_out, "url": self.url, "restart_backoff_s": 0.5}, **(agent or {})}
-        self.agent = AgentProcess(Path(workdir), config, engine=argv, name=name)
+        self.agent = AgentProcess(Path(workdir), config, engine=argv, env=env, name=name)
 
     @property
     def model_name(self) -> str:
