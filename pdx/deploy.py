@@ -153,7 +153,8 @@ class Deployment:
         assert self.proxy_proc.stdout is not None
         os.set_blocking(self.proxy_proc.stdout.fileno(), False)
         buf = b""
-        while time.monotonic() < min(deadline, time.monotonic() + 60):
+        until = min(deadline, time.monotonic() + 60)
+        while time.monotonic() < until:
             buf += self.proxy_proc.stdout.read() or b""
             for line in buf.decode(errors="replace").splitlines():
                 if line.startswith(PROXY_READY_PREFIX):
