@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> Report:
     import httpx
 
-    from pdx.connector.testing import AgentEngine
+    from pdx.engine.agent_engine import AgentEngine
     from pdx.engine.vllm import VllmOptions, start_server
     from pdx.model import ensure_model, paragraph
 
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> Report:
     report.notes.extend([
         f"model {args.model}: {_describe(spec)}",
         f"prompts: {n} tokens, {args.repeats} distinct prompts per figure; chunks of {args.chunk_tokens} tokens "
-        f"({(n - 1) // args.chunk_tokens * args.chunk_tokens} tokens loadable per prompt); max_tokens=1",
+        f"({n - 1} tokens loadable per prompt: all but the last); max_tokens=1",
         f"hardware: {_cpu_name()}, {_cores()} cores; one pinned core per engine; vLLM CPU, float32; "
         f"P/D transport {args.transport}",
         f"logs: {workdir}",

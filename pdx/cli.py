@@ -50,7 +50,7 @@ def _load(args: argparse.Namespace) -> tuple[DeployConfig, str]:
 
 def _worker_counts(dep: Deployment) -> dict[str, tuple[float, float]]:
     """Per worker: (prompt tokens seen, prompt tokens that pdx loaded instead of computing)."""
-    from pdx.connector.testing import Metrics
+    from pdx.engine.agent_engine import Metrics
 
     out = {}
     for name, w in dep.workers.items():

@@ -5,7 +5,11 @@ seeded with the chunk fingerprint and an optional namespace. The same token ids
 give the same keys in every process and on every machine: the hash is xxh3-128
 over explicit little-endian bytes, never Python's ``hash()``.
 
-Only full chunks get keys: a trailing partial chunk is always recomputed.
+Full chunks get keys from ``chunk_keys``. A *tail* chunk, the partial chunk after
+the last full one, gets its key from ``tail_key``: the same chain, with a tag so a
+tail of ``n`` tokens can never collide with a full chunk. Tails are stored only for
+P/D (a prefill leaves the prompt's tail for its decode side, which then computes one
+token instead of up to a chunk); reuse from the store uses full chunks only.
 """
 
 from __future__ import annotations
@@ -50,6 +54,36 @@ def chunk_keys(
         prev = xxhash.xxh3_128_digest(prev + raw[i * step : (i + 1) * step])
         keys.append(ChunkKey(prev))
     return keys
+
+
+def tail_key(
+    token_ids: Sequence[int] | np.ndarray,
+    end: int,
+    chunk_fingerprint: str,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    namespace: str = "",
+    full_keys: Sequence[bytes] | None = None,
+) -> ChunkKey | None:
+    """Key of the tail chunk ``[end // chunk_tokens * chunk_tokens, end)`` of ``token_ids``.
+
+    None when ``end`` is a chunk boundary (there is no tail). ``full_keys`` (the
+    ``chunk_keys`` of the same tokens, when the caller has them) saves rehashing the
+    chunks before the tail.
+    """
+    if not 0 <= end <= len(token_ids):
+        raise ValueError(f"tail end {end} outside the {len(token_ids)} tokens")
+    n_full, n_tail = divmod(end, chunk_tokens)
+    if n_tail == 0:
+        return None
+    if n_full == 0:
+        prev = chunk_seed(chunk_fingerprint, namespace)
+    elif full_keys is not None and len(full_keys) >= n_full:
+        prev = bytes(full_keys[n_full - 1])
+    else:
+        prev = chunk_keys(np.asarray(token_ids)[: n_full * chunk_tokens], chunk_fingerprint, chunk_tokens,
+                          namespace)[-1]
+    raw = np.asarray(token_ids, dtype="<u4")[n_full * chunk_tokens : end].tobytes()
+    return ChunkKey(xxhash.xxh3_128_digest(b"pdx-tail|" + n_tail.to_bytes(4, "little") + prev + raw))
 
 
 def key_hex(key: bytes) -> str:

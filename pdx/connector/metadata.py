@@ -10,7 +10,8 @@ cheap to pickle and easy to build in tests.
 
 Token positions are absolute positions in the request's token sequence; the
 blocks that hold them are ``block_ids[pos // block_size]`` at offset
-``pos % block_size``. Chunk ``i`` covers ``[i * chunk_tokens, (i + 1) * chunk_tokens)``.
+``pos % block_size``. Chunk ``i`` covers ``[i * chunk_tokens, (i + 1) * chunk_tokens)``; a tail
+chunk covers the first ``num_tokens`` of that range.
 """
 
 from __future__ import annotations
@@ -25,14 +26,16 @@ class ChunkLoad:
     """Load chunk ``index`` (key ``key``) and write tokens ``[start, end)`` of it.
 
     ``start``/``end`` are absolute token positions inside the chunk's range; the
-    range is shorter than a chunk only when vLLM's own prefix cache already
-    holds the chunk's first tokens.
+    range is shorter than the chunk when vLLM's own prefix cache already holds the
+    chunk's first tokens. ``num_tokens`` is what the chunk holds: 0 for a full
+    chunk, else a tail chunk of that many tokens (``pdx.keys.tail_key``).
     """
 
     index: int
     key: ChunkKey
     start: int
     end: int
+    num_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -63,10 +66,12 @@ class LoadSpec:
 
 @dataclass(frozen=True)
 class ChunkStore:
-    """Pack the full chunk ``index`` (tokens ``[index*chunk_tokens, (index+1)*chunk_tokens)``)."""
+    """Pack chunk ``index``: tokens ``[index*chunk_tokens, (index+1)*chunk_tokens)``, or only
+    the first ``num_tokens`` of them for a tail chunk (0 = a full chunk)."""
 
     index: int
     key: ChunkKey
+    num_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,9 @@ from typing import Any
 from pdx.errors import TransferParamsError
 from pdx.keys import KEY_BYTES, ChunkKey
 
-#: version of the ``"pdx"`` block; a decode side rejects any other.
-PARAMS_VERSION = 1
+#: version of the ``"pdx"`` block; a decode side rejects any other (2: a tail chunk may follow
+#: the full ones).
+PARAMS_VERSION = 2
 
 #: the key under which pdx's own fields travel inside ``kv_transfer_params``.
 PDX_KEY = "pdx"
@@ -48,10 +49,11 @@ _REQUIRED = {"v", "agent", "fingerprint", "chunk_tokens", "num_tokens"}
 class RemotePrefill:
     """Where a prefill engine left a prompt's KV, and how to name its chunks.
 
-    ``num_tokens`` is a multiple of ``chunk_tokens``: only full chunks are offered.
-    ``keys`` (may be empty: the decode side then trusts its own computation) lets
-    the decode side check that it hashes the same prompt the same way before it
-    loads anything.
+    ``num_tokens`` counts the leading prompt tokens offered: whole chunks, then, when
+    it is not a multiple of ``chunk_tokens``, a tail chunk of the remainder
+    (``pdx.keys.tail_key``). ``keys`` (one per chunk, the tail's last; may be empty:
+    the decode side then trusts its own computation) lets the decode side check
+    that it hashes the same prompt the same way before it loads anything.
     """
 
     agent: str  # the prefill agent's peer (transport) address
@@ -66,7 +68,8 @@ class RemotePrefill:
 
     @property
     def num_chunks(self) -> int:
-        return self.num_tokens // self.chunk_tokens
+        """Chunks offered, the tail included."""
+        return -(-self.num_tokens // self.chunk_tokens)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form (keys as hex strings) for the HTTP response."""
@@ -110,14 +113,13 @@ class RemotePrefill:
         if chunk_tokens <= 0:
             raise TransferParamsError(f"kv_transfer_params.pdx.chunk_tokens: must be positive, got {chunk_tokens}")
         num_tokens = _int(raw, "num_tokens")
-        if num_tokens < 0 or num_tokens % chunk_tokens:
-            raise TransferParamsError(
-                f"kv_transfer_params.pdx.num_tokens: must be a non-negative multiple of "
-                f"chunk_tokens ({chunk_tokens}), got {num_tokens}")
+        if num_tokens < 0:
+            raise TransferParamsError(f"kv_transfer_params.pdx.num_tokens: must not be negative, got {num_tokens}")
         keys = _keys(raw.get("keys", []))
-        if keys and len(keys) != num_tokens // chunk_tokens:
+        chunks = -(-num_tokens // chunk_tokens)
+        if keys and len(keys) != chunks:
             raise TransferParamsError(
-                f"kv_transfer_params.pdx.keys: {len(keys)} keys for {num_tokens // chunk_tokens} chunks")
+                f"kv_transfer_params.pdx.keys: {len(keys)} keys for {chunks} chunks")
         lease = raw.get("lease_s", 0.0)
         if isinstance(lease, bool) or not isinstance(lease, (int, float)) or lease < 0:
             raise TransferParamsError(f"kv_transfer_params.pdx.lease_s: expected a number >= 0, got {lease!r}")

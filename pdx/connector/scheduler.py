@@ -9,11 +9,12 @@ timeout; a slow or absent agent turns into "no hit", never a stall.
 What it decides:
 
 * ``matched_tokens`` (vLLM's ``get_num_new_matched_tokens``): how many leading
-  prompt tokens pdx can supply beyond vLLM's own prefix cache: full chunks only,
-  never the last prompt token (vLLM must compute it to sample). For a decode
-  request whose ``kv_transfer_params`` carry a pdx ``RemotePrefill`` it is the
-  prefill side's token count (after checking fingerprint, chunk size and keys);
-  otherwise the local store's leading run. Loads from a peer, disk or Redis are
+  prompt tokens pdx can supply beyond vLLM's own prefix cache: every token of the
+  leading chunks it has but the last prompt token (vLLM must compute that one to
+  sample; the chunk holding it is loaded in part). For a decode request whose
+  ``kv_transfer_params`` carry a pdx ``RemotePrefill`` it is the prefill side's
+  token count (after checking fingerprint, chunk size and keys), tail chunk
+  included; otherwise the local store's leading run. Loads from a peer, disk or Redis are
   asynchronous (vLLM parks the request until the worker reports the load done);
   a hit entirely in L1 is loaded synchronously by the worker in the step that
   computes the rest of the prompt (``sync_l1_loads``).
@@ -22,6 +23,11 @@ What it decides:
   whose KV this step's forward completes (stored by the worker in ``wait_for_save``).
 * ``finished``: for a prefill request that asked for remote decode, pins its
   chunks in the agent under a lease and returns the ``kv_transfer_params`` for decode.
+
+Tail chunks (P/D only): a prompt whose length is not a multiple of the chunk size
+ends in a partial chunk. A prefill for remote decode also stores that tail, less the
+last prompt token, under ``pdx.keys.tail_key``, and offers it; the decode side then
+computes a single token instead of up to a whole chunk.
 
 vLLM objects are read duck-typed (see the ``*Like`` protocols) so tests can pass
 plain namespaces; nothing here imports vLLM.
@@ -44,7 +50,7 @@ from pdx.connector.params import (
     response_params,
 )
 from pdx.errors import PdxError, TransferParamsError
-from pdx.keys import ChunkKey, chunk_keys
+from pdx.keys import ChunkKey, chunk_keys, tail_key
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +122,15 @@ class _Req:
     block_ids: list[int] = field(default_factory=list)
     #: next chunk index to store; chunks below it are stored or not ours to store
     store_next: int = 0
+    #: P/D requests: key and size of the tail chunk (tokens ``[len(keys)*ct, prompt_len-1)``)
+    tail: ChunkKey | None = None
+    tail_tokens: int = 0
+    tail_stored: bool = False
 
-    def max_load_chunks(self, chunk_tokens: int) -> int:
-        """Full chunks that leave at least one prompt token to compute."""
-        return min(len(self.keys), (self.prompt_len - 1) // chunk_tokens) if self.prompt_len else 0
+    @property
+    def max_load(self) -> int:
+        """Prompt tokens that may be loaded: all but the last, which vLLM computes to sample."""
+        return max(0, self.prompt_len - 1)
 
 
 @dataclass
@@ -153,22 +164,21 @@ class PdxSchedulerSide:
         """Tokens beyond ``num_computed_tokens`` that pdx will load asynchronously."""
         st = self._state(request)
         ct = self.settings.chunk_tokens
-        limit = st.max_load_chunks(ct)
-        offered, peer = 0, ""
+        offered, peer = 0, ""  # tokens from the start of the prompt
         remote = st.params.remote
         if remote is not None and not st.remote_used:
-            offered = self._remote_chunks(st, remote, limit)
+            offered = self._remote_tokens(st, remote)
             if offered:
                 peer = remote.agent
         local, in_l1 = self._local_chunks(st) if self.settings.reuse or remote is not None else (0, 0)
         st.stored_chunks = max(st.stored_chunks, local)
-        if min(local, limit) >= offered:
-            offered, peer = min(local, limit), ""
-        tokens = offered * ct - num_computed_tokens
+        if min(local * ct, st.max_load) >= offered:
+            offered, peer = min(local * ct, st.max_load), ""
+        tokens = offered - num_computed_tokens
         if tokens < max(1, self.settings.min_load_tokens):
             st.match = None
             return 0, False
-        sync = not peer and self.settings.sync_l1_loads and in_l1 >= offered
+        sync = not peer and self.settings.sync_l1_loads and in_l1 * ct >= offered
         st.match = (num_computed_tokens, tokens, peer, sync)
         return tokens, not sync
 
@@ -187,11 +197,17 @@ class PdxSchedulerSide:
         s = self.settings
         keys = chunk_keys(tokens, s.chunk_fingerprint, s.chunk_tokens, s.namespace) if tokens else []
         st = _Req(req_id=request.request_id, keys=keys, prompt_len=len(tokens), params=params)
+        # P/D: a tail when the loadable tokens end inside a chunk the prompt does not fill
+        # (with a full last chunk, that chunk is loaded in part instead).
+        if (params.remote_decode or params.remote is not None) and st.max_load > len(keys) * s.chunk_tokens:
+            st.tail = tail_key(tokens, st.max_load, s.chunk_fingerprint, s.chunk_tokens, s.namespace, keys)
+            st.tail_tokens = st.max_load - len(keys) * s.chunk_tokens
         self._reqs[request.request_id] = st
         return st
 
-    def _remote_chunks(self, st: _Req, remote: RemotePrefill, limit: int) -> int:
-        """Chunks the prefill side offers that this engine can use, or 0 with a log line."""
+    def _remote_tokens(self, st: _Req, remote: RemotePrefill) -> int:
+        """Leading prompt tokens the prefill side offers that this engine can use (at most
+        ``max_load``), or 0 with a log line."""
         s = self.settings
         problem = ""
         if remote.fingerprint != s.chunk_fingerprint:
@@ -207,7 +223,7 @@ class PdxSchedulerSide:
             log.warning("request %s: kv_transfer_params from prefill agent %s unusable: %s; recomputing",
                         st.req_id, remote.agent, problem)
             return 0
-        n = min(remote.num_chunks, limit)
+        n = min(remote.num_tokens // s.chunk_tokens, len(st.keys))
         if remote.keys:
             same = 0
             for mine, theirs in zip(st.keys[:n], remote.keys[:n]):
@@ -218,7 +234,11 @@ class PdxSchedulerSide:
                 log.warning("request %s: only %d of %d chunk keys from prefill agent %s match this "
                             "prompt; loading those, recomputing the rest", st.req_id, same, n, remote.agent)
             n = same
-        return n
+        tokens = n * s.chunk_tokens
+        tail = remote.num_tokens % s.chunk_tokens
+        if tail and n == len(st.keys) and tail == st.tail_tokens and (not remote.keys or remote.keys[-1] == st.tail):
+            tokens += tail
+        return min(tokens, st.max_load)
 
     def _local_chunks(self, st: _Req) -> tuple[int, int]:
         """(leading chunks in the local store, leading chunks of those in L1)."""
@@ -261,17 +281,27 @@ class PdxSchedulerSide:
         chunks = []
         for i in range(start // ct, -(-end // ct)):
             lo, hi = max(start, i * ct), min(end, (i + 1) * ct)
-            if hi > lo:
+            if hi <= lo:
+                continue
+            if i < len(st.keys):
                 chunks.append(ChunkLoad(index=i, key=st.keys[i], start=lo, end=hi))
+            elif st.tail is not None and hi <= i * ct + st.tail_tokens:  # matched_tokens offered the tail
+                chunks.append(ChunkLoad(index=i, key=st.tail, start=lo, end=hi, num_tokens=st.tail_tokens))
+            else:  # vLLM accepted more than was offered: never load what no chunk holds
+                log.warning("request %s: no chunk holds tokens [%d, %d); loading up to %d", st.req_id, lo, hi, lo)
+                end = lo
+                break
         remote = st.params.remote
         spec = LoadSpec(req_id=st.req_id, block_ids=tuple(st.block_ids), chunks=tuple(chunks),
                         peer=peer, remote_request_id=remote.request_id if (peer and remote) else "",
                         sync=sync)
+        if chunks and chunks[-1].num_tokens:
+            st.tail_stored = True  # the load commits it to the local store
         if peer:
             st.remote_used = True
-            self.stats.remote_tokens += num_external_tokens
+            self.stats.remote_tokens += end - start
         else:
-            self.stats.hit_tokens += num_external_tokens
+            self.stats.hit_tokens += end - start
         self._pending_loads.append(spec)
         # Everything loaded will be in the local store afterwards (a fetch commits there).
         self._init_store(st, -(-end // ct))
@@ -313,17 +343,26 @@ class PdxSchedulerSide:
     def _plan_store(self, plan: StepPlan, st: _Req, computed_after_step: int) -> None:
         ct = self.settings.chunk_tokens
         last = min(len(st.keys), computed_after_step // ct)
-        if last <= st.store_next:
+        chunks = [ChunkStore(index=i, key=st.keys[i]) for i in range(st.store_next, last)]
+        end = last * ct
+        # A prefill for remote decode also leaves its tail, once every full chunk is stored.
+        tail = (st.tail is not None and not st.tail_stored and st.params.remote_decode
+                and max(last, st.store_next) >= len(st.keys) and computed_after_step >= st.max_load)
+        if tail:
+            assert st.tail is not None
+            chunks.append(ChunkStore(index=len(st.keys), key=st.tail, num_tokens=st.tail_tokens))
+            end = st.max_load
+        if not chunks:
             return
-        chunks = tuple(ChunkStore(index=i, key=st.keys[i]) for i in range(st.store_next, last))
-        need_blocks = -(-(last * ct) // self.settings.block_size)
+        need_blocks = -(-end // self.settings.block_size)
         if len(st.block_ids) < need_blocks:  # should not happen; never pack from unknown blocks
-            log.warning("request %s: %d blocks known, %d needed to store %d chunks; not storing",
-                        st.req_id, len(st.block_ids), need_blocks, last)
+            log.warning("request %s: %d blocks known, %d needed to store tokens up to %d; not storing",
+                        st.req_id, len(st.block_ids), need_blocks, end)
             return
-        plan.stores.append(StoreSpec(req_id=st.req_id, block_ids=tuple(st.block_ids), chunks=chunks))
+        plan.stores.append(StoreSpec(req_id=st.req_id, block_ids=tuple(st.block_ids), chunks=tuple(chunks)))
         self.stats.stored_chunks_planned += len(chunks)
-        st.store_next = last
+        st.store_next = max(st.store_next, last)
+        st.tail_stored = st.tail_stored or tail
 
     # --- vLLM: request_finished ----------------------------------------------------------------
 
@@ -339,6 +378,8 @@ class PdxSchedulerSide:
         s = self.settings
         n = 0
         keys = st.keys[: st.store_next] if st.store_next else []
+        if st.tail is not None and st.tail_stored and len(keys) == len(st.keys):
+            keys = [*keys, st.tail]
         if keys and self._agent is not None:
             try:
                 n = self._agent.pin_prefix(keys, owner=f"pd:{st.req_id}", lease_s=s.lease_s)
@@ -348,8 +389,9 @@ class PdxSchedulerSide:
                 log.warning("request %s: could not pin its chunks for the decode side (%s); "
                             "decode will recompute", st.req_id, exc)
                 n = 0
+        tokens = min(n, len(st.keys)) * s.chunk_tokens + (st.tail_tokens if n > len(st.keys) else 0)
         remote = RemotePrefill(agent=s.peer_address, fingerprint=s.chunk_fingerprint,
-                               chunk_tokens=s.chunk_tokens, num_tokens=n * s.chunk_tokens,
+                               chunk_tokens=s.chunk_tokens, num_tokens=tokens,
                                keys=tuple(keys[:n]), namespace=s.namespace, request_id=st.req_id,
                                lease_s=s.lease_s)
         return False, response_params(remote)

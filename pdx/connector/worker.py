@@ -319,9 +319,10 @@ class PdxWorkerSide:
                        pin: Any) -> tuple[list[tuple[int, int, int]], np.ndarray] | None:
         """(spans, bytes) to unpack for one pinned chunk, or None if it must not be used."""
         ct, bs = self.settings.chunk_tokens, self.settings.block_size
-        if pin.nbytes != self._chunk_bytes or pin.num_tokens not in (0, ct):
+        n = chunk.num_tokens or ct
+        if pin.nbytes != self._bytes_of(n) or pin.num_tokens not in (0, n):
             log.warning("request %s: chunk %s is %d bytes / %d tokens, expected %d / %d", spec.req_id,
-                        chunk.key.hex()[:12], pin.nbytes, pin.num_tokens, self._chunk_bytes, ct)
+                        chunk.key.hex()[:12], pin.nbytes, pin.num_tokens, self._bytes_of(n), n)
             return None
         data = self._pool.array(pin.offset, pin.nbytes)
         if self.settings.verify_checksums and checksum(data.data) != pin.checksum:
@@ -330,8 +331,8 @@ class PdxWorkerSide:
                         chunk.key.hex()[:12])
             return None
         first = chunk.index * ct
-        if chunk.start > first or chunk.end < first + ct:
-            data = slice_payload(self.layout, data, ct, chunk.start - first, chunk.end - first)
+        if chunk.start > first or chunk.end < first + n:
+            data = slice_payload(self.layout, data, n, chunk.start - first, chunk.end - first)
         return token_spans(spec.block_ids, bs, chunk.start, chunk.end), data
 
     def wait_idle(self, timeout_s: float) -> None:
@@ -383,34 +384,41 @@ class PdxWorkerSide:
     def _store_one(self, spec: StoreSpec) -> None:
         ct, bs = self.settings.chunk_tokens, self.settings.block_size
         keys = [c.key for c in spec.chunks]
-        reservations = self._agent.reserve(keys, self._chunk_bytes)
+        tokens = [c.num_tokens or ct for c in spec.chunks]
+        reservations = self._agent.reserve(keys, [self._bytes_of(n) for n in tokens])
         ids: list[int] = []
         sums: list[int] = []
+        kept: list[int] = []  # tokens of each chunk in ids
         try:
-            for chunk, res in zip(spec.chunks, reservations):
+            for chunk, n, res in zip(spec.chunks, tokens, reservations):
                 if not res.id:
                     self.stats.store_skipped += 1
                     if res.error and not res.error.startswith("exists") and "already" not in res.error:
                         log.debug("request %s: chunk %d not stored: %s", spec.req_id, chunk.index, res.error)
                     continue
-                out = self._pool.array(res.offset, self._chunk_bytes)
-                spans = token_spans(spec.block_ids, bs, chunk.index * ct, (chunk.index + 1) * ct)
+                out = self._pool.array(res.offset, self._bytes_of(n))
+                spans = token_spans(spec.block_ids, bs, chunk.index * ct, chunk.index * ct + n)
                 self._codec.pack(spans, out)
                 ids.append(res.id)
                 sums.append(checksum(out.data))
+                kept.append(n)
         except BaseException:
             if ids or any(r.id for r in reservations):
                 self._agent.abort([r.id for r in reservations if r.id])
             raise
         if not ids:
             return
-        errors = self._agent.commit(ids, num_tokens=ct, checksums=sums)
+        errors = self._agent.commit(ids, num_tokens=kept, checksums=sums)
         failed = [e for e in errors if e]
         self.stats.stored_chunks += len(ids) - len(failed)
-        self.stats.stored_bytes += (len(ids) - len(failed)) * self._chunk_bytes
+        self.stats.stored_bytes += sum(self._bytes_of(n) for n, e in zip(kept, errors) if not e)
         if failed:
             self.stats.store_errors += len(failed)
             log.warning("request %s: %d chunks not committed: %s", spec.req_id, len(failed), failed[0])
+
+    def _bytes_of(self, num_tokens: int) -> int:
+        """Payload bytes of a chunk of ``num_tokens`` tokens (a full chunk is ``chunk_bytes``)."""
+        return self._chunk_bytes // self.settings.chunk_tokens * num_tokens
 
     # --- life cycle ----------------------------------------------------------------------------
 

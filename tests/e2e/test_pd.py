@@ -26,11 +26,13 @@ def test_decode_loads_the_prefill_kv_and_matches_plain_vllm(
     params = first["kv_transfer_params"]
     assert params["do_remote_prefill"] is True and params["do_remote_decode"] is False
     remote = params["pdx"]
-    full_chunks = (len(ids) - 1) // CHUNK_TOKENS
-    assert remote["num_tokens"] == full_chunks * CHUNK_TOKENS >= 0.9 * len(ids)
-    assert len(remote["keys"]) == full_chunks
+    # every prompt token but the last (decode computes it to sample): the full chunks, then the tail
+    assert len(ids) % CHUNK_TOKENS > 1
+    chunks = len(ids) // CHUNK_TOKENS + 1
+    assert remote["num_tokens"] == len(ids) - 1
+    assert len(remote["keys"]) == chunks
     assert remote["agent"] == prefill.agent.peer_address
-    assert prefill.pool()["leases"] >= p_leases + full_chunks  # kept for the decode side
+    assert prefill.pool()["leases"] >= p_leases + chunks  # kept for the decode side
 
     # 2. decode with those params
     out = complete(decode, ids, max_tokens=MAX_TOKENS, kv_transfer_params=params)
@@ -40,12 +42,12 @@ def test_decode_loads_the_prefill_kv_and_matches_plain_vllm(
     d_vllm2, d_agent2 = decode.vllm_metrics(), decode.agent_metrics()
     loaded = (d_vllm2.value("vllm:external_prefix_cache_hits_total")
               - d_vllm.value("vllm:external_prefix_cache_hits_total"))
-    assert loaded == full_chunks * CHUNK_TOKENS >= 0.9 * len(ids)
+    assert loaded == len(ids) - 1
     fetched = (d_agent2.value("pdx_agent_transfer_chunks_total", kind="fetch", status="done")
                - d_agent.value("pdx_agent_transfer_chunks_total", kind="fetch", status="done"))
-    assert fetched == full_chunks
+    assert fetched == chunks
     moved = (d_agent2.value("pdx_agent_transfer_bytes_total", kind="fetch")
              - d_agent.value("pdx_agent_transfer_bytes_total", kind="fetch"))
-    assert moved >= full_chunks * CHUNK_TOKENS * 1024  # tiny model: 1 KiB of KV per token
+    assert moved >= (len(ids) - 1) * 1024  # tiny model: 1 KiB of KV per token
     # the decode side's fetch released the prefill side's pins
     assert prefill.pool()["leases"] == p_leases

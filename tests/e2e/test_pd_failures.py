@@ -10,9 +10,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest_connector import CHUNK_TOKENS, MAX_TOKENS, PdxStack
+from conftest_connector import MAX_TOKENS, PdxStack
 
-from pdx.connector.testing import AgentEngine
+from pdx.engine.agent_engine import AgentEngine
 from pdx.engine.vllm import free_port
 
 pytestmark = pytest.mark.e2e
@@ -23,7 +23,7 @@ HITS = "vllm:external_prefix_cache_hits_total"
 def _prefill(prefill: AgentEngine, ids: list[int], complete: Callable[..., dict[str, Any]]) -> dict[str, Any]:
     out = complete(prefill, ids, max_tokens=1, kv_transfer_params={"do_remote_decode": True})
     params: dict[str, Any] = out["kv_transfer_params"]
-    assert params["pdx"]["num_tokens"] == (len(ids) - 1) // CHUNK_TOKENS * CHUNK_TOKENS
+    assert params["pdx"]["num_tokens"] == len(ids) - 1  # full chunks and the tail
     return params
 
 
@@ -49,7 +49,8 @@ def test_dead_prefill_agent_means_recompute(stack: PdxStack, prompts: dict[str, 
     after = decode.agent_metrics()
     assert after.value(chunks, kind="fetch", status="done") == before.value(chunks, kind="fetch", status="done")
     log = _new_log(decode, log_start)
-    assert re.search(rf"11 of 11 chunks not loaded from {re.escape(dead)}; vLLM recomputes", log), log[-3000:]
+    n = len(params["pdx"]["keys"])  # 11 full chunks and the tail
+    assert re.search(rf"{n} of {n} chunks not loaded from {re.escape(dead)}; vLLM recomputes", log), log[-3000:]
 
 
 def test_wrong_fingerprint_is_refused(stack: PdxStack, prompts: dict[str, list[int]],
@@ -94,7 +95,7 @@ def test_corrupted_transfer_is_caught_and_recomputed(stack: PdxStack, prompts: d
     done = agent.value(chunks, kind="fetch", status="done") - agent_before.value(chunks, kind="fetch", status="done")
     assert corrupt >= 1 and done + corrupt == len(params["pdx"]["keys"])
     loaded = both.vllm_metrics().value(HITS) - before.value(HITS)
-    full = len(params["pdx"]["keys"]) * CHUNK_TOKENS
-    assert loaded == full  # counted at scheduling; the corrupt part was then reported and recomputed
+    # counted at scheduling; the corrupt part was then reported and recomputed
+    assert loaded == params["pdx"]["num_tokens"] == len(ids) - 1
     log = _new_log(both, log_start)
     assert re.search(r"chunks not loaded from tcp://[0-9.:]+; vLLM recomputes \d+ blocks", log), log[-3000:]

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from pdx.config import from_dict
-from pdx.connector.testing import Metrics
 from pdx.deploy import DeployConfig, Deployment
+from pdx.engine.agent_engine import Metrics
 from pdx.engine.vllm import VllmServer
 from pdx.model import BuiltModel
 from pdx.model.text import paragraph

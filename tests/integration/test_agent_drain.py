@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import zmq
 
-from pdx.agent.testing import AgentProcess
+from pdx.agent.process import AgentProcess
 from pdx.agent.types import ChunkStatus, JobState
 from pdx.checksum import checksum
 from pdx.errors import AgentError

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from pdx.agent.testing import AgentProcess
+from pdx.agent.process import AgentProcess
 from pdx.checksum import checksum
 from pdx.store.pool import attach
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from pdx.agent.client import AgentClient
-from pdx.agent.testing import AgentProcess
+from pdx.agent.process import AgentProcess
 from pdx.agent.types import ChunkStatus, JobState
 from pdx.checksum import checksum
 from pdx.layout import KVDtype, KVLayout

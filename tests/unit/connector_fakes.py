@@ -115,7 +115,7 @@ class FakeAgent:
                 timeout: float | None = None) -> list[ReservationInfo]:
         self._call("reserve")
         out = []
-        for k in keys:
+        for i, k in enumerate(keys):
             if k in self.chunks:
                 out.append(ReservationInfo(0, k, 0, 0, "exists"))
                 continue
@@ -124,7 +124,7 @@ class FakeAgent:
                 continue
             slab = self.free.pop(0)
             rid = next(self._ids)
-            n = nbytes if isinstance(nbytes, int) else nbytes[0]
+            n = nbytes if isinstance(nbytes, int) else nbytes[i]
             self.reserved[rid] = (k, slab * self.slab_size, n)
             out.append(ReservationInfo(rid, k, slab * self.slab_size, n))
         return out
@@ -140,7 +140,7 @@ class FakeAgent:
                 self.free.append(off // self.slab_size)
                 out.append("corrupt: checksum mismatch")
                 continue
-            self.chunks[k] = _Chunk(off, n, cs, num_tokens if isinstance(num_tokens, int) else 0)
+            self.chunks[k] = _Chunk(off, n, cs, num_tokens if isinstance(num_tokens, int) else num_tokens[i])
             out.append("")
         return out
 

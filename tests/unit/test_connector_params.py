@@ -70,7 +70,9 @@ _DROP = object()
     (_with(color="red"), "unknown field 'color'"),
     (_with(chunk_tokens=0), "chunk_tokens: must be positive"),
     (_with(chunk_tokens="128"), "chunk_tokens: expected an integer"),
-    (_with(num_tokens=100), "multiple of chunk_tokens"),
+    (_with(num_tokens=-1), "num_tokens: must not be negative"),
+    (_with(num_tokens=600), "4 keys for 5 chunks"),
+    (_with(v=1), r"pdx\.v: this engine speaks version 2, got 1"),
     (_with(keys=["zz"]), r"keys\[0\]: expected 32 hex digits"),
     (_with(keys="abc"), "keys: expected a list"),
     (_with(keys=[ChunkKey(b"\x01" * 16).hex()]), "1 keys for 4 chunks"),
@@ -80,6 +82,13 @@ _DROP = object()
 ])
 def test_bad_params_name_the_field(raw: object, match: str) -> None:
     _bad(raw, match)
+
+
+def test_a_tail_chunk_counts_as_a_chunk() -> None:
+    tail = ChunkKey(b"\x02" * 16)
+    remote = _remote(num_tokens=512 + 77, keys=(*_remote().keys, tail))
+    parsed = parse_request_params(response_params(remote)).remote
+    assert parsed == remote and parsed.num_chunks == 5 and parsed.keys[-1] == tail
 
 
 def test_keys_may_be_omitted() -> None:

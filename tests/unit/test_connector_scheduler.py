@@ -13,7 +13,7 @@ from connector_fakes import PEERS, FakeAgent
 from pdx.connector.agent import SchedulerPort
 from pdx.connector.params import RemotePrefill, parse_request_params, response_params
 from pdx.connector.scheduler import PdxSchedulerSide, SchedulerSettings
-from pdx.keys import chunk_keys
+from pdx.keys import chunk_keys, tail_key
 
 CT, BS, FP = 128, 128, "fp-test"
 
@@ -87,20 +87,20 @@ def test_miss_then_store_plan_follows_chunked_prefill() -> None:
 def test_local_l1_hit_leaves_last_token_and_loads_in_the_step() -> None:
     agent = FakeAgent(slab_size=4096)
     side = _side(agent)
-    req = _req("b", 4 * CT)  # exactly 4 chunks: the last one must not be loaded
+    req = _req("b", 4 * CT)  # exactly 4 chunks: all but the last token is loaded
     _fill(agent, _keys(req))
-    assert side.matched_tokens(req, 0) == (3 * CT, False)  # all in L1: synchronous
+    assert side.matched_tokens(req, 0) == (4 * CT - 1, False)  # all in L1: synchronous
     assert side.pending_peer("b") == ""
-    side.after_alloc(req, [1, 2, 3, 4], 3 * CT)
+    side.after_alloc(req, [1, 2, 3, 4], 4 * CT - 1)
     plan = side.build_step(_out())
     (load,) = plan.loads
     assert load.peer == "" and load.block_ids == (1, 2, 3, 4) and load.sync
-    assert [(c.index, c.start, c.end) for c in load.chunks] == [(0, 0, 128), (1, 128, 256), (2, 256, 384)]
-    assert [c.key for c in load.chunks] == _keys(req)[:3]
+    assert [(c.index, c.start, c.end, c.num_tokens) for c in load.chunks] == \
+        [(0, 0, 128, 0), (1, 128, 256, 0), (2, 256, 384, 0), (3, 384, 511, 0)]  # chunk 3 in part
+    assert [c.key for c in load.chunks] == _keys(req)
     assert side.build_step(_out()).loads == []  # handed over once
-    # After the load, the request is scheduled with 384 computed tokens: chunk 3 gets stored
-    # (the store already holds it here, so nothing is planned).
-    plan = side.build_step(_out(new=[_new("b", [1, 2, 3, 4], 3 * CT)], scheduled={"b": CT}))
+    # After the load vLLM computes the last token; every chunk is in the store: nothing to store.
+    plan = side.build_step(_out(new=[_new("b", [1, 2, 3, 4], 4 * CT - 1)], scheduled={"b": 1}))
     assert plan.stores == []
 
 
@@ -112,8 +112,8 @@ def test_hits_needing_io_load_asynchronously(why: str) -> None:
     _fill(agent, _keys(req))
     if why == "on_disk":
         agent.on_disk = {_keys(req)[2]}
-    assert side.matched_tokens(req, 0) == (3 * CT, True)
-    side.after_alloc(req, [1, 2, 3, 4], 3 * CT)
+    assert side.matched_tokens(req, 0) == (4 * CT - 1, True)
+    side.after_alloc(req, [1, 2, 3, 4], 4 * CT - 1)
     (load,) = side.build_step(_out()).loads
     assert not load.sync
 
@@ -157,16 +157,49 @@ def test_prefill_pins_and_answers_params_for_decode() -> None:
     side.after_alloc(req, list(range(12)), 0)
     plan = side.build_step(_out(new=[_new("p1", list(range(12)), 0)], scheduled={"p1": 1500}))
     (store,) = plan.stores
-    assert len(store.chunks) == 1500 // CT
+    # 11 full chunks, then the tail: tokens 1408..1498 (the last prompt token is decode's to compute)
+    assert [(c.index, c.num_tokens) for c in store.chunks] == [(i, 0) for i in range(11)] + [(11, 91)]
+    tail = tail_key(req.prompt_token_ids, 1499, FP, CT)
+    assert store.chunks[-1].key == tail
     _fill(agent, [c.key for c in store.chunks])  # the worker would have committed them
     delay, params = side.finished(req, completed=True)
     assert delay is False and params is not None
     remote = parse_request_params(params).remote
     assert remote is not None
-    assert remote.num_tokens == 11 * CT and remote.keys == tuple(_keys(req)[:11])
+    assert remote.num_tokens == 1499 and remote.keys == (*_keys(req)[:11], tail)
     assert remote.agent == "tcp://127.0.0.1:7001" and remote.fingerprint == FP and remote.lease_s == 45.0
     assert remote.request_id == "p1"
-    assert agent.pins == {"pd:p1": 11}
+    assert agent.pins == {"pd:p1": 12}
+
+
+def test_prefill_stores_its_tail_after_the_last_full_chunk() -> None:
+    side = _side(FakeAgent(slab_size=4096))
+    req = _req("p5", 1500, params={"do_remote_decode": True})
+    side.matched_tokens(req, 0)
+    side.after_alloc(req, list(range(12)), 0)
+    # chunked prefill: 1000 tokens, then the rest
+    (first,) = side.build_step(_out(new=[_new("p5", list(range(12)), 0)], scheduled={"p5": 1000})).stores
+    assert [(c.index, c.num_tokens) for c in first.chunks] == [(i, 0) for i in range(7)]
+    (second,) = side.build_step(_out(cached=[("p5", None, 1000)], scheduled={"p5": 500})).stores
+    assert [(c.index, c.num_tokens) for c in second.chunks] == [(7, 0), (8, 0), (9, 0), (10, 0), (11, 91)]
+    assert side.build_step(_out(cached=[("p5", None, 1500)], scheduled={"p5": 1})).stores == []
+
+
+@pytest.mark.parametrize(("n", "tail"), [(4 * CT, False), (4 * CT + 1, False), (4 * CT + 5, True)])
+def test_tail_only_when_the_prompt_needs_one(n: int, tail: bool) -> None:
+    side = _side(FakeAgent(slab_size=4096))
+    req = _req("p6", n, params={"do_remote_decode": True})
+    side.matched_tokens(req, 0)
+    (store,) = side.build_step(_out(new=[_new("p6", list(range(5)), 0)], scheduled={"p6": n})).stores
+    assert [c.num_tokens for c in store.chunks] == [0, 0, 0, 0] + ([4] if tail else [])
+
+
+def test_only_prefills_for_remote_decode_store_tails() -> None:
+    side = _side(FakeAgent(slab_size=4096))
+    req = _req("p7", 1500)
+    side.matched_tokens(req, 0)
+    (store,) = side.build_step(_out(new=[_new("p7", list(range(12)), 0)], scheduled={"p7": 1500})).stores
+    assert all(c.num_tokens == 0 for c in store.chunks) and len(store.chunks) == 11
 
 
 def test_prefill_offers_only_what_the_agent_holds() -> None:
@@ -220,6 +253,42 @@ def test_decode_loads_from_the_prefill_side() -> None:
     # The transfer is used once: a preempted request that comes back looks in the local store.
     assert side.matched_tokens(req, 0) == (0, False)
     assert side.stats.remote_tokens == 11 * CT
+
+
+def test_decode_loads_the_tail_and_computes_one_token() -> None:
+    side = _side(FakeAgent(slab_size=4096))
+    req = _req("d6", 1500)
+    tail = tail_key(req.prompt_token_ids, 1499, FP, CT)
+    req.kv_transfer_params = _decode_params(req, 11, num_tokens=1499, keys=(*_keys(req)[:11], tail))
+    assert side.matched_tokens(req, 0) == (1499, True)
+    side.after_alloc(req, list(range(12)), 1499)
+    (load,) = side.build_step(_out()).loads
+    assert [(c.index, c.start, c.end, c.num_tokens) for c in load.chunks[-2:]] == \
+        [(10, 1280, 1408, 0), (11, 1408, 1499, 91)]
+    assert load.chunks[-1].key == tail
+    assert side.stats.remote_tokens == 1499
+    # vLLM's prefix cache already holds 1024 tokens: the rest, tail included
+    req2 = _req("d7", 1500)
+    req2.kv_transfer_params = req.kv_transfer_params
+    assert side.matched_tokens(req2, 1024) == (1499 - 1024, True)
+
+
+@pytest.mark.parametrize("why", ["other key", "other size", "missing chunk"])
+def test_decode_ignores_a_tail_it_cannot_use(why: str) -> None:
+    side = _side(FakeAgent(slab_size=4096))
+    req = _req("d8", 1500)
+    keys = list(_keys(req)[:11])
+    tail = tail_key(req.prompt_token_ids, 1499, FP, CT)
+    if why == "other key":
+        req.kv_transfer_params = _decode_params(req, 11, num_tokens=1499, keys=(*keys, b"\x07" * 16))
+        assert side.matched_tokens(req, 0) == (11 * CT, True)
+    elif why == "other size":  # a prefill that saw a longer prompt
+        req.kv_transfer_params = _decode_params(req, 11, num_tokens=1409, keys=(*keys, tail))
+        assert side.matched_tokens(req, 0) == (11 * CT, True)
+    else:  # the tail follows a chunk that does not match
+        other = _keys(_req("x", 1500, seed=5))
+        req.kv_transfer_params = _decode_params(req, 11, num_tokens=1499, keys=(*keys[:10], other[10], tail))
+        assert side.matched_tokens(req, 0) == (10 * CT, True)
 
 
 def test_decode_prefers_a_longer_local_hit() -> None:

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 from pdx.connector.metadata import ChunkLoad, ChunkStore, LoadSpec, StepPlan, StoreSpec  # noqa: E402
 from pdx.connector.worker import KernelCodec, PdxWorkerSide, WorkerSettings, slice_payload  # noqa: E402
 from pdx.kernels import pack, payload_bytes  # noqa: E402
-from pdx.keys import chunk_keys  # noqa: E402
+from pdx.keys import chunk_keys, tail_key  # noqa: E402
 from pdx.layout import KVDtype, KVLayout, MemoryLayout  # noqa: E402
 
 BS, CT, BLOCKS = 16, 32, 24
@@ -170,6 +170,39 @@ def test_fetch_from_peer_and_remote_pins_released() -> None:
     assert "pd:p" not in prefill.pins  # the decode side's fetch let the prefill side's pins go
     assert set(decode.chunks) == set(KEYS)  # fetched chunks stay in the local store for reuse
     r.close()
+
+
+def test_tail_chunk_is_stored_fetched_and_loaded_bit_exact() -> None:
+    src, dst = _caches(1), _caches(2)
+    tokens = list(range(CT * 3 + 22))  # decode computes the last token: the tail holds 21
+    keys = chunk_keys(tokens, LAYOUT.chunk_fingerprint, CT)
+    tail = tail_key(tokens, CT * 3 + 21, LAYOUT.chunk_fingerprint, CT)
+    assert tail is not None
+    prefill = FakeAgent(slab_size=CHUNK, peer_address="tcp://p:1")
+    w = _worker(prefill, src)
+    stores = (*(ChunkStore(i, keys[i]) for i in range(3)), ChunkStore(3, tail, num_tokens=21))
+    w.store(StepPlan(CT, BS, stores=[StoreSpec("s", tuple(SRC_BLOCKS), stores)]))
+    assert prefill.chunks[tail].nbytes == payload_bytes(LAYOUT, 21) and prefill.chunks[tail].num_tokens == 21
+    assert w.stats.stored_bytes == 3 * CHUNK + payload_bytes(LAYOUT, 21)
+    decode = FakeAgent(slab_size=CHUNK)
+    r = _worker(decode, dst)
+    before = _tokens(dst, DST_BLOCKS, CT * 3 + 21, CT * 4)
+    loads = (*(ChunkLoad(i, keys[i], i * CT, (i + 1) * CT) for i in range(3)),
+             ChunkLoad(3, tail, 3 * CT, 3 * CT + 21, num_tokens=21))
+    r.start_loads(StepPlan(CT, BS, loads=[LoadSpec("r", tuple(DST_BLOCKS), loads, peer="tcp://p:1")]))
+    _wait_finished(r)
+    assert r.take_load_errors() == set()
+    end = CT * 3 + 21
+    assert np.array_equal(_tokens(dst, DST_BLOCKS, 0, end), _tokens(src, SRC_BLOCKS, 0, end))
+    assert np.array_equal(_tokens(dst, DST_BLOCKS, end, CT * 4), before)  # nothing past the tail
+    # A tail chunk whose size is not what the plan says is not unpacked.
+    r2 = _worker(decode, _caches(3))
+    bad = (ChunkLoad(3, tail, 3 * CT, 3 * CT + 20, num_tokens=20),)
+    r2.start_loads(StepPlan(CT, BS, loads=[LoadSpec("r2", tuple(DST_BLOCKS), bad)]))
+    _wait_finished(r2)
+    assert r2.take_load_errors() == {DST_BLOCKS[6], DST_BLOCKS[7]}
+    for x in (w, r, r2):
+        x.close()
 
 
 @pytest.mark.parametrize("mode", ["corrupt_status", "bit_flip", "dead_peer", "hang"])

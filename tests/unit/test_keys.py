@@ -10,14 +10,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pdx.keys import chunk_keys
+from pdx.keys import chunk_keys, tail_key
 from pdx.layout import KVDtype, KVLayout, MemoryLayout
 
 LAYOUT = KVLayout("tiny", KVDtype.FP32, num_layers=2, num_kv_heads=4, head_size=32, block_size=16)
 
 SCRIPT = """
 import sys
-from pdx.keys import chunk_keys
+from pdx.keys import chunk_keys, tail_key
 from pdx.layout import KVLayout, KVDtype
 layout = KVLayout("tiny", KVDtype.FP32, num_layers=2, num_kv_heads=4, head_size=32, block_size=16)
 tokens = list(range(1000, 1000 + 1030))
@@ -88,3 +88,30 @@ def test_keys_are_prefix_chained(tokens: list[int], chunk: int) -> None:
 def test_bad_chunk_size() -> None:
     with pytest.raises(ValueError, match="chunk_tokens"):
         chunk_keys([1, 2, 3], "fp", 0)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(0, 2**31 - 1), min_size=1, max_size=400), st.sampled_from([16, 64]), st.data())
+def test_tail_keys(tokens: list[int], chunk: int, data: st.DataObject) -> None:
+    end = data.draw(st.integers(0, len(tokens)))
+    key = tail_key(tokens, end, "fp", chunk)
+    if end % chunk == 0:
+        assert key is None
+        return
+    assert key is not None
+    full = chunk_keys(tokens, "fp", chunk)
+    # The given full keys only save hashing; the tail depends on every token before `end` and on none after.
+    assert tail_key(tokens, end, "fp", chunk, full_keys=full) == key
+    assert tail_key([*tokens[:end], 1, 2, 3], end, "fp", chunk) == key
+    assert key not in full
+    assert tail_key(tokens, end, "fp", chunk, namespace="other") != key
+    changed = list(tokens)
+    changed[0] ^= 1
+    assert tail_key(changed, end, "fp", chunk) != key
+    if end > 1 and (end - 1) % chunk:
+        assert tail_key(tokens, end - 1, "fp", chunk) != key
+
+
+def test_tail_key_range() -> None:
+    with pytest.raises(ValueError, match="outside"):
+        tail_key([1, 2, 3], 4, "fp", 2)

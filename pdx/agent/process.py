@@ -1,4 +1,4 @@
-"""Run real ``pdx-agent`` processes from tests, benches and e2e fixtures.
+"""Run real ``pdx-agent`` processes: for ``pdx up``, the benches and the tests.
 
 ``AgentProcess`` starts ``python -m pdx.agent.cli`` with a config written to its
 own folder, waits for the ``pdx-agent ready`` line (which carries the pid and
@@ -6,8 +6,8 @@ addresses), and stops the process by PID: SIGTERM, then SIGKILL after a
 timeout. ``kill()`` is the crash (SIGKILL). The agent's stdout/stderr go to
 ``<workdir>/agent.out``; its own log is in ``<data dir>/logs``.
 
-Blocking calls, one owner per object (not thread-safe). Nothing here is used by
-the agent itself.
+Blocking calls, one owner per object (not thread-safe). The agent itself does not
+use this module.
 """
 
 from __future__ import annotations

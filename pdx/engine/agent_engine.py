@@ -1,4 +1,4 @@
-"""A vLLM server under its own ``pdx-agent``, for the e2e tests and ``pdx-bench e2e``.
+"""A vLLM server under its own ``pdx-agent``: for ``pdx up``, ``pdx-bench e2e`` and the e2e tests.
 
 ``AgentEngine`` writes the agent config (role, store, transport), builds the vLLM
 command with ``pdx.engine.vllm.vllm_command`` (the CPU fixes, one pinned core) and
@@ -7,8 +7,8 @@ starts ``pdx-agent --config ... -- <vLLM command>``: the agent adds the
 answers ``/health``; ``stop`` stops the agent by PID (it stops its engine first).
 ``Metrics`` reads a Prometheus page (the agent's or vLLM's).
 
-Blocking calls, one owner per object. Not used by pdx itself; needs httpx and
-prometheus-client (dev dependencies), imported here only.
+Blocking calls, one owner per object. ``Metrics`` needs prometheus-client and
+``AgentEngine`` httpx; both are imported where they are used.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pdx.agent.testing import AgentProcess
+from pdx.agent.process import AgentProcess
 from pdx.engine.vllm import VllmOptions, free_port, vllm_command
 
 #: the environment keys of vllm_command that the agent must hand to its engine
