@@ -59,7 +59,7 @@ def _worker_counts(dep: Deployment) -> dict[str, tuple[float, float]]:
     return out
 
 
-def _stream(url: str, body: dict[str, Any]) -> tuple[float, str, dict[str, Any]]:
+def _stream(url: str, body: dict[str, Any], headers: dict[str, str]) -> tuple[float, str, dict[str, Any]]:
     """One streaming completion through the proxy: (TTFT s, text, usage)."""
     import httpx
 
@@ -67,7 +67,7 @@ def _stream(url: str, body: dict[str, Any]) -> tuple[float, str, dict[str, Any]]
     ttft = 0.0
     text: list[str] = []
     usage: dict[str, Any] = {}
-    with httpx.stream("POST", f"{url}/v1/completions", timeout=300.0,
+    with httpx.stream("POST", f"{url}/v1/completions", timeout=300.0, headers=headers,
                       json={**body, "stream": True, "stream_options": {"include_usage": True}}) as resp:
         if resp.status_code != 200:
             raise PdxError(f"demo request failed: {resp.status_code} {resp.read().decode(errors='replace')[:500]}")
@@ -101,7 +101,8 @@ def run_demo(dep: Deployment) -> list[dict[str, Any]]:
     for label, prompt in requests:
         before = _worker_counts(dep)
         ttft, text, usage = _stream(dep.url, {"model": dep.served_model_name, "prompt": prompt,
-                                              "max_tokens": DEMO_MAX_TOKENS, "temperature": 0.0})
+                                              "max_tokens": DEMO_MAX_TOKENS, "temperature": 0.0},
+                                     dep.api_headers)
         time.sleep(0.3)  # let vLLM publish the step's metrics
         after = _worker_counts(dep)
         per_worker = {n: (after[n][0] - before[n][0], after[n][1] - before[n][1]) for n in after}
@@ -126,7 +127,8 @@ def run_demo(dep: Deployment) -> list[dict[str, Any]]:
 def _print_endpoint(dep: Deployment) -> None:
     _say(f"ready: OpenAI endpoint {dep.url}/v1 serving model '{dep.served_model_name}'")
     _say("try:")
-    print(f"  curl -s {dep.url}/v1/completions -H 'Content-Type: application/json' \\\n"
+    auth = " -H 'Authorization: Bearer <proxy.api_key>'" if dep.api_headers else ""
+    print(f"  curl -s {dep.url}/v1/completions -H 'Content-Type: application/json'{auth} \\\n"
           f"       -d '{{\"model\": \"{dep.served_model_name}\", \"prompt\": \"Once upon a time\", "
           f"\"max_tokens\": 16, \"temperature\": 0}}'", flush=True)
     _say(f"metrics: {dep.url}/metrics   workers: {dep.url}/admin/workers")

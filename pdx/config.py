@@ -208,6 +208,9 @@ class RegistrationConfig:
     timeout_s: float = doc_field(2.0, "limit on one announcement's HTTP call")
     models: list[str] = doc_field([], "model names the engine serves, as the proxy should route them")
     summary_fp_rate: float = doc_field(0.01, "false-positive rate of the key summary (Bloom filter)")
+    admin_key: str = doc_field(
+        "", "bearer key for the proxy's admin endpoints (its admin_key, or its api_key when that is "
+        "empty); empty = send none")
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,17 @@ class Deployment:
         # for every child; passed on, they would be read again as keys of the children's configs.
         self.child_env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
 
+    @property
+    def api_headers(self) -> dict[str, str]:
+        """What a client of the proxy's OpenAI endpoints sends (the proxy's api_key, if any)."""
+        key = self.cfg.proxy.api_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    @property
+    def admin_key(self) -> str:
+        """The key of the proxy's admin endpoints (agents announce themselves with it)."""
+        return self.cfg.proxy.admin_key or self.cfg.proxy.api_key
+
     # --- start ---------------------------------------------------------------------------------
 
     def start(self) -> Deployment:
@@ -176,7 +187,8 @@ class Deployment:
                 served_model_name=self.served_model_name,
                 store={"chunk_tokens": self.cfg.chunk_tokens, **w.store}, transport=w.transport,
                 vllm={"prefix_caching": False, **self.cfg.vllm},
-                agent={"registration": {"proxy_url": self.url, "heartbeat_s": 1}}, env=self.child_env)
+                agent={"registration": {"proxy_url": self.url, "heartbeat_s": 1, "admin_key": self.admin_key}},
+                env=self.child_env)
             self.progress(f"{w.name}: starting vLLM ({w.role}) under pdx-agent on {engine.url}")
             engine.agent.start()
             self.workers[w.name] = engine
@@ -192,7 +204,8 @@ class Deployment:
         healthy: set[str] = set()
         while time.monotonic() < deadline:
             try:
-                doc = httpx.get(f"{self.url}/admin/workers", timeout=2.0).json()
+                headers = {"Authorization": f"Bearer {self.admin_key}"} if self.admin_key else {}
+                doc = httpx.get(f"{self.url}/admin/workers", headers=headers, timeout=2.0).json()
                 healthy = {str(w.get("url", "")).rstrip("/") for w in doc.get("workers", [])
                            if w.get("state") == "healthy"}
                 if want <= healthy:

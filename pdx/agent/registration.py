@@ -67,8 +67,10 @@ class Announcer:
         except Exception:
             log.exception("cannot build the announcement")
             return False
-        req = urllib.request.Request(self.url, data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"}
+        if self.config.admin_key:
+            headers["Authorization"] = f"Bearer {self.config.admin_key}"
+        req = urllib.request.Request(self.url, data=body, method="POST", headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=self.config.timeout_s) as resp:
                 ok = 200 <= int(resp.status) < 300

@@ -88,6 +88,8 @@ class AgentServer:
         self.transport: Transport | None = None
         self.layout: KVLayout | None = None
         self.transport_address = ""
+        # read when /metrics is scraped (the store's lock, no I/O)
+        self.metrics.leases_active.set_function(lambda: self.store.stats().leases if self.store else 0)
         self.engine: EngineSupervisor | None = None
         self.engine_url = config.engine.url
         self.engine_pids: list[int] = []  # pids that registered, latest last

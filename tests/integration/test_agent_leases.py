@@ -70,11 +70,13 @@ def test_release_and_unpin_drop_pins(agent: tuple[AgentProcess, AgentClient]) ->
     assert all(p.expires_in_s <= 5.0 for p in pins)  # capped at leases.max_s
     other = client.pin(keys[:1], owner="req-b", lease_s=60)
     assert leases(client) == 5
+    assert metric(proc.http_url, "pdx_agent_leases_active") == 5
     assert client.release("req-a") == 4
     assert leases(client) == 1
     assert client.unpin([other[0].lease_id]) == 1
     assert client.unpin([other[0].lease_id]) == 0  # idempotent
     assert leases(client) == 0
+    assert metric(proc.http_url, "pdx_agent_leases_active") == 0
     assert metric(proc.http_url, "pdx_agent_leases_released_total") == 5
 
 

@@ -88,3 +88,13 @@ def test_down_without_a_deployment(tmp_path: Path, capsys: pytest.CaptureFixture
     cfg.write_text(f"workdir: {tmp_path}\nworkers: [{{name: a, role: both}}]\n")
     assert main(["down", "--config", str(cfg)]) == 1
     assert "no deployment is running" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("proxy", "api", "admin"), [
+    ({}, {}, ""),
+    ({"api_key": "k"}, {"Authorization": "Bearer k"}, "k"),  # the admin endpoints fall back to the api key
+    ({"api_key": "k", "admin_key": "a"}, {"Authorization": "Bearer k"}, "a"),
+])
+def test_keys_reach_the_demo_client_and_the_agents(proxy: dict[str, str], api: dict[str, str], admin: str) -> None:
+    dep = Deployment(_cfg(proxy=proxy))
+    assert dep.api_headers == api and dep.admin_key == admin

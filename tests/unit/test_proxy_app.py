@@ -325,3 +325,25 @@ def test_stop_cancels_streams_still_running_after_the_grace_period() -> None:
     t.join(30)
     assert not t.is_alive()
     assert decode.aborted == ["long"] and decode.completed == []
+
+
+def test_agents_announce_with_the_admin_key() -> None:
+    from pdx.agent.metrics import AgentMetrics
+    from pdx.agent.registration import Announcer
+    from pdx.config import RegistrationConfig
+
+    with Cluster(1, 0, admin_key="adm") as c:
+        d = _extra_standin(c, "dyn")
+        try:
+            msg = lambda leaving: AgentAnnouncement.from_dict(  # noqa: E731
+                _announce(d.url, agent_id="agent-k", leaving=leaving))
+            metrics = AgentMetrics()
+            keyless = Announcer(RegistrationConfig(proxy_url=c.admin_url, timeout_s=2.0), msg, metrics)
+            assert keyless.announce(False) is False  # 401: counted, never raised
+            assert metrics.value("pdx_agent_announcements_total", {"result": "error"}) == 1
+            keyed = Announcer(RegistrationConfig(proxy_url=c.admin_url, timeout_s=2.0, admin_key="adm"), msg, metrics)
+            assert keyed.announce(False) is True
+            workers = httpx.get(c.admin_url + "/admin/workers", headers={"Authorization": "Bearer adm"}).json()
+            assert any(w["id"] == "agent-k" for w in workers["workers"])
+        finally:
+            c.bg.run(d.stop())
