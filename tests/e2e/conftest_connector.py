@@ -57,6 +57,7 @@ PROMPTS: dict[str, tuple[int, int]] = {
     "spill_b": (PROMPT_TOKENS, 107),
     "spill_c": (PROMPT_TOKENS, 108),
     "crash": (PROMPT_TOKENS, 109),
+    "reuse_whole_chunks": (12 * CHUNK_TOKENS, 110),
 }
 
 @dataclass(frozen=True)

@@ -47,6 +47,20 @@ def test_second_request_loads_from_the_store(stack: PdxStack, prompts: dict[str,
     assert _tier_hits(both.agent_metrics(), "l1") - _tier_hits(agent_before, "l1") == full // CHUNK_TOKENS
 
 
+def test_whole_chunk_prompt_loads_all_but_its_last_token(stack: PdxStack, prompts: dict[str, list[int]],
+                                                         references: dict[str, list[int]],
+                                                         complete: Callable[..., dict[str, Any]]) -> None:
+    # 12 whole chunks: the last one is loaded in part, and vLLM computes only the last prompt token.
+    (both,) = stack.use("both")
+    ids = prompts["reuse_whole_chunks"]
+    assert len(ids) % CHUNK_TOKENS == 0
+    assert complete(both, ids, MAX_TOKENS)["choices"][0]["token_ids"] == references["reuse_whole_chunks"]
+    before = both.vllm_metrics()
+    out = complete(both, ids, MAX_TOKENS)
+    assert out["choices"][0]["token_ids"] == references["reuse_whole_chunks"]
+    assert _loaded(both, before) == len(ids) - 1
+
+
 @pytest.mark.redis
 def test_reuse_after_spilling_to_disk_and_redis(stack: PdxStack, prompts: dict[str, list[int]],
                                                 references: dict[str, list[int]],

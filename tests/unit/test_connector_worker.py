@@ -114,6 +114,22 @@ def test_partial_first_chunk_writes_only_its_tail() -> None:
     r.close()
 
 
+def test_last_chunk_loaded_in_part_leaves_the_last_token_alone() -> None:
+    src, dst = _caches(1), _caches(2)
+    agent = FakeAgent(slab_size=CHUNK)
+    _stored(agent, src)
+    end = 4 * CT - 1  # vLLM computes the prompt's last token itself
+    before = _tokens(dst, DST_BLOCKS, end, 4 * CT)
+    chunks = tuple(ChunkLoad(i, KEYS[i], i * CT, min(end, (i + 1) * CT)) for i in range(4))
+    r = _worker(agent, dst)
+    r.start_loads(StepPlan(CT, BS, loads=[LoadSpec("r", tuple(DST_BLOCKS), chunks)]))
+    _wait_finished(r)
+    assert r.take_load_errors() == set()
+    assert np.array_equal(_tokens(dst, DST_BLOCKS, 0, end), _tokens(src, SRC_BLOCKS, 0, end))
+    assert np.array_equal(_tokens(dst, DST_BLOCKS, end, 4 * CT), before)
+    r.close()
+
+
 def test_slice_payload_matches_packing_the_slice() -> None:
     src = _caches(5)
     full = _tokens(src, SRC_BLOCKS, 32, 64)
