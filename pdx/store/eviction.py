@@ -89,8 +89,9 @@ class LRUPolicy(EvictionPolicy):
 class LFUPolicy(EvictionPolicy):
     """Fewest reads goes first; ties go least recently used first.
 
-    Counts start at 1 on insert and never decay, so a chunk that was hot long
-    ago stays; prefer ``s3fifo`` when popularity shifts.
+    Counts start at 1 on insert and age: after every ``capacity`` reads all counts
+    are halved, so a chunk that was hot long ago cools down instead of staying
+    forever (chunks whose counts merge keep their order, colder ones first).
     """
 
     name = "lfu"
@@ -99,6 +100,7 @@ class LFUPolicy(EvictionPolicy):
         super().__init__(capacity)
         self._freq: dict[Key, int] = {}
         self._buckets: dict[int, OrderedDict[Key, None]] = {}  # freq -> keys, oldest first
+        self._reads = 0
 
     def _add(self, key: Key, freq: int) -> None:
         self._freq[key] = freq
@@ -124,6 +126,17 @@ class LFUPolicy(EvictionPolicy):
         freq = self._drop(key)
         if freq is not None:
             self._add(key, freq + 1)
+        self._reads += 1
+        if self._reads >= max(1, self.capacity):
+            self._age()
+
+    def _age(self) -> None:
+        """Halve every count (O(chunks), once per ``capacity`` reads: O(1) per read)."""
+        self._reads = 0
+        old, self._freq, self._buckets = self._buckets, {}, {}
+        for freq in sorted(old):
+            for key in old[freq]:
+                self._add(key, max(1, freq // 2))
 
     def remove(self, key: Key) -> None:
         self._drop(key)

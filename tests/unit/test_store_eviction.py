@@ -54,6 +54,30 @@ def test_lfu_order_fewest_reads_then_oldest() -> None:
     assert drain(p) == ["b", "d", "e", "c", "a"]
 
 
+def test_lfu_counts_age() -> None:
+    p = make_policy("lfu", 4)
+    for k in "ab":
+        p.insert(k)
+    for _ in range(3):
+        p.touch("a")  # a: 4 reads' worth, b: 1
+    p.insert("c")
+    p.touch("b")  # the 4th read: counts halve, a=2, b=1, c=1
+    p.touch("c")
+    p.touch("c")  # c=3 now outranks a, whose reads are old
+    assert drain(p) == ["b", "a", "c"]
+
+
+def test_lfu_without_aging_keeps_the_old_favourite() -> None:
+    p = make_policy("lfu", 100)  # 100 reads before counts halve
+    for k in "ab":
+        p.insert(k)
+    for _ in range(3):
+        p.touch("a")
+    p.touch("b")
+    p.touch("b")
+    assert drain(p) == ["b", "a"]
+
+
 def test_lfu_skip_pinned_and_remove() -> None:
     p = make_policy("lfu", 10)
     for k in "abc":
