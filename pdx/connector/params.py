@@ -66,11 +66,6 @@ class RemotePrefill:
     lease_s: float = 0.0  # how long the prefill agent keeps the chunks pinned
     version: int = PARAMS_VERSION
 
-    @property
-    def num_chunks(self) -> int:
-        """Chunks offered, the tail included."""
-        return -(-self.num_tokens // self.chunk_tokens)
-
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form (keys as hex strings) for the HTTP response."""
         return {
