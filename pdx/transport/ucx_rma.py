@@ -116,7 +116,8 @@ class Rma:
 
     def __init__(self) -> None:
         try:
-            lib = ctypes.CDLL(_find_libucp(), mode=ctypes.RTLD_GLOBAL)
+            # RTLD_LOCAL: NIXL bundles its own, newer libucp; a global one would shadow it
+            lib = ctypes.CDLL(_find_libucp(), mode=ctypes.RTLD_LOCAL)
             self._map_fn = lib.ucp_mem_map
             self._unmap_fn = lib.ucp_mem_unmap
             self._pack_fn = lib.ucp_rkey_pack
