@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(cpu_vec, nhd, hnd, kv_concat; default cpu_vec)")
     p.add_argument("--threads", default="", help="torch CPU thread counts to measure, comma-separated "
                    "(default: 1 and torch's own setting)")
+    p.add_argument("--impls", default="cpu", help="CPU implementations, comma-separated: cpu (the native "
+                   "strided copy where built, else torch), cpu_torch (torch only); rows of any but the first get "
+                   "a _<impl> suffix (default cpu)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per figure (median reported)")
     p.add_argument("--no-gpu", action="store_true", help="skip the CUDA rows even where CUDA is available")
     p.add_argument("--no-cpu", action="store_true", help="skip the CPU rows")
@@ -154,6 +157,11 @@ def run(args: argparse.Namespace) -> Report:
     report.notes.append(f"{args.tokens} tokens, {args.layers} layers x {args.kv_heads} KV heads x head size "
                         f"{args.head_size}, {args.dtype}, chunks of {args.chunk_tokens} tokens, blocks scattered "
                         f"at random; baseline: copy_ of the same bytes between contiguous tensors")
+    impls = [x.strip() for x in args.impls.split(",") if x.strip()]
+    from pdx.kernels import native
+
+    report.notes.append("cpu: native strided copy for cpu_vec" if native.available()
+                        else "cpu: native strided copy NOT available, torch path measured")
     if args.no_cpu:
         layouts = []
     try:
@@ -162,11 +170,12 @@ def run(args: argparse.Namespace) -> Report:
                 setup = _setup(args, ml, bs, cpu)
                 for nt in threads:
                     torch.set_num_threads(nt)
-                    suffix = f"_bs{bs}" + ("" if ml == "cpu_vec" else f"_{ml}") + (
-                        f"_t{nt}" if len(threads) > 1 else "")
-                    extra = {"layout": ml, "block_size": bs, "threads": nt, "impl": "cpu",
-                             "bytes": setup["nbytes"]}
-                    _measure(report, args, setup, "cpu", cpu, suffix, extra, f"cpu {ml} bs{bs} t{nt}")
+                    for impl in impls:
+                        suffix = f"_bs{bs}" + ("" if ml == "cpu_vec" else f"_{ml}") + (
+                            f"_t{nt}" if len(threads) > 1 else "") + ("" if impl == impls[0] else f"_{impl}")
+                        extra = {"layout": ml, "block_size": bs, "threads": nt, "impl": impl,
+                                 "bytes": setup["nbytes"]}
+                        _measure(report, args, setup, impl, cpu, suffix, extra, f"{impl} {ml} bs{bs} t{nt}")
                 del setup
     finally:
         torch.set_num_threads(default_threads)

@@ -18,7 +18,8 @@ Arguments shared by every function:
   numpy); only the first ``payload_bytes(...)`` bytes are used. Nothing is allocated
   per chunk on the fast paths.
 * ``impl``: ``"auto"`` (triton for CUDA caches when importable, else cpu), or
-  ``"reference"``, ``"cpu"``, ``"triton"``.
+  ``"reference"``, ``"cpu"`` (the native strided copy for ``CPU_VEC`` caches when it
+  is built and fresh, else torch), ``"cpu_torch"`` (torch only), ``"triton"``.
 * ``stream``: triton only: the CUDA stream to launch on (default: current stream).
 
 Head slicing for different TP sizes: a chunk holds a contiguous range of global KV
@@ -83,6 +84,7 @@ __all__ = [
 IMPLEMENTATIONS: Registry[Callable[[Plan], None]] = Registry("kernel implementation")
 IMPLEMENTATIONS.add("reference", "pdx.kernels.reference:run", install="pip install torch")
 IMPLEMENTATIONS.add("cpu", "pdx.kernels.cpu:run", install="pip install torch")
+IMPLEMENTATIONS.add("cpu_torch", "pdx.kernels.cpu:run_torch", install="pip install torch")
 IMPLEMENTATIONS.add("triton", "pdx.kernels.triton_kernels:run", install="pip install triton (needs a CUDA GPU)")
 
 SpanLike = Sequence[Sequence[int]]

@@ -11,6 +11,10 @@ but views. When the layer caches do not share one storage at a constant stride t
 copies are made layer by layer. ``CPU_AMX`` pages are not affine: they go through one
 index gather/scatter per chunk, built from vLLM's offsets.
 
+``CPU_VEC`` caches on CPU go to ``pdx.kernels.native`` first (a C strided copy: with
+16-token blocks K moves in 32-byte runs, where torch's per-run overhead dominates);
+``run_torch`` is this module's own path, used when the extension is missing or stale.
+
 Blocking. Uses torch's intra-op thread pool as configured by the process (on 2 cores,
 2 threads roughly double the rate of 1; the bench shows both). Works on CUDA tensors
 too (the fallback where Triton is missing). Not thread-safe for concurrent writes to
@@ -147,6 +151,15 @@ def _run_gather(plan: Plan) -> None:
 
 
 def run(plan: Plan) -> None:
+    """``impl="cpu"``: the native strided copy where it applies and is built, else ``run_torch``."""
+    from pdx.kernels import native
+
+    if not native.run(plan):
+        run_torch(plan)
+
+
+def run_torch(plan: Plan) -> None:
+    """``impl="cpu_torch"``: the pure-torch path (the fallback, and the native path's reference)."""
     c = plan.caches
     if c.memory_layout is MemoryLayout.CPU_AMX:
         _run_gather(plan)

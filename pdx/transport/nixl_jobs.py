@@ -163,7 +163,8 @@ class NixlJobs:
         finally:
             with self._cond:
                 batch.helped = False
-                self._cond.notify_all()
+                if any(j.batch is batch for j in self._queue):  # left over: the executor takes them
+                    self._cond.notify_all()
 
     # -- the executor thread --
     def _run(self) -> None:
@@ -307,7 +308,10 @@ class NixlJobs:
             last = batch.jobs_left == 0
             if last:
                 self._batches.pop(id(batch.handle), None)
-            self._cond.notify_all()
+            if batch.stopped:
+                # only a cancel/timeout waits for ``running`` to drop; waking the executor for
+                # every finished job cost the waiting thread GIL hand-offs on each batch
+                self._cond.notify_all()
         if last and batch.kind is OpKind.WRITE and batch.landed and not batch.stopped \
                 and batch.peer.dead is None:
             self._notify_landed(batch)

@@ -65,6 +65,7 @@ from pdx.transport.base import (
 )
 from pdx.transport.handshake import Message, PeerConnection, SideChannel, SideChannelPeers
 from pdx.transport.ucx_engine import UcxEngine, _Batch, _Group, _Peer, _stop
+from pdx.transport.ucx_rma import Mapping, Rma, rma
 from pdx.transport.ucx_wire import ID_BITS, OPS_PER_HDR
 
 log = logging.getLogger("pdx.transport.ucx")
@@ -87,9 +88,9 @@ def load_ucxx() -> tuple[Any, Any]:
 
 
 def make_worker(lib: Any) -> tuple[Any, Any]:
-    """A UCX context (tag matching, wakeup) and a worker in blocking progress mode."""
+    """A UCX context (tag matching, RMA, wakeup) and a worker in blocking progress mode."""
     ctx = lib.UCXContext(config_dict={"WARN_UNUSED_ENV_VARS": "n"},
-                         feature_flags=(lib.Feature.TAG, lib.Feature.WAKEUP))
+                         feature_flags=(lib.Feature.TAG, lib.Feature.RMA, lib.Feature.WAKEUP))
     worker = lib.UCXWorker(ctx)
     worker.init_blocking_progress_mode()
     return ctx, worker
@@ -118,6 +119,15 @@ class UcxTransport(SideChannelPeers, UcxEngine, Transport):
         self._region: MemoryRegion | None = None
         self._view: memoryview | None = None
         self._arr: np.ndarray | None = None
+        self._ctx: Any = None
+        self._rma: Rma | None = None
+        self._rma_waiting = 0
+        self._mapping: Mapping | None = None
+        if os.environ.get("PDX_UCX_RMA", "1") != "0":  # 0: tagged messages only (for comparison)
+            try:
+                self._rma = rma()
+            except BackendUnavailable as exc:
+                log.info("ucx: one-sided RMA unavailable, using tagged messages: %s", exc)
         self._closed = False
         self._broken = ""  # why the UCX thread stopped, once it did
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -141,6 +151,13 @@ class UcxTransport(SideChannelPeers, UcxEngine, Transport):
             raise TransportError("the ucx backend moves host memory; use nixl or cuda_ipc for GPU memory")
         self._view = region_view(region)
         self._arr = np.frombuffer(self._view, dtype=np.uint8)
+        if self._rma is not None and region.nbytes:
+            rma_lib, addr = self._rma, self._arr.ctypes.data
+            try:
+                self._mapping = self._call(lambda: rma_lib.map(int(self._ctx.handle), addr, region.nbytes),
+                                           self.config.connect_timeout_s)
+            except Exception as exc:  # peers then use tagged messages into this region
+                log.warning("ucx: cannot register the region for RMA, using tagged messages: %s", exc)
         self._region = region
         self._side.region_nbytes = region.nbytes
 
@@ -172,8 +189,8 @@ class UcxTransport(SideChannelPeers, UcxEngine, Transport):
         parts = [_Batch(handle, p, kind, idxs[s:s + OPS_PER_HDR]) for s in range(0, len(idxs), OPS_PER_HDR)]
         if not parts:
             return handle
+        # the UCX thread is asleep: post from here rather than wake it (one handoff less)
         if self._drive.acquire(blocking=False):
-            # the UCX thread is asleep: post from here rather than wake it (one handoff less)
             try:
                 if self._worker is not None and not self._broken:
                     self._start_all(parts)
@@ -197,6 +214,7 @@ class UcxTransport(SideChannelPeers, UcxEngine, Transport):
         self._submit(None)
         self._thread.join(10.0)
         os.close(self._wake)
+        self._mapping = None  # unmapped by the UCX thread on its way out
         self._arr = None
         if self._view is not None:
             try:
@@ -238,6 +256,7 @@ class UcxTransport(SideChannelPeers, UcxEngine, Transport):
             started.set_exception(exc)
             return
         self._worker = worker
+        self._ctx = ctx
         self._efd = worker.epoll_file_descriptor
         poller = select.epoll()
         poller.register(self._efd, select.EPOLLIN)
@@ -264,7 +283,10 @@ class UcxTransport(SideChannelPeers, UcxEngine, Transport):
             for p in list(self._live):
                 self._drop_peer(p, "transport closed")
             self._watch.clear()
+            if self._mapping is not None and self._rma is not None:
+                self._rma.unmap(int(ctx.handle), self._mapping)
             self._worker = None
+            self._ctx = None
             del worker, ctx
 
     # -- cancel / timeout --
@@ -306,13 +328,25 @@ class UcxTransport(SideChannelPeers, UcxEngine, Transport):
 
     # -- side-channel hooks --
     def _meta(self) -> Message:
-        return {"addr": self._address, "uid": self._uid}
+        meta: Message = {"addr": self._address, "uid": self._uid}
+        if self._mapping is not None:  # the peer may then put/get our region one-sidedly
+            meta["rkey"] = self._mapping.rkey
+            meta["raddr"] = self._mapping.address
+            meta["pull"] = True  # we serve pull headers (we get from the peer's region)
+        return meta
 
     def _on_peer(self, conn: PeerConnection) -> None:
         addr, uid = conn.meta.get("addr"), conn.meta.get("uid")
         if not isinstance(addr, bytes) or not isinstance(uid, int):
             raise WireError("the peer's ucx metadata is malformed")
         p = _Peer(conn, uid, addr, conn.info.region_nbytes)
+        rkey, raddr = conn.meta.get("rkey"), conn.meta.get("raddr")
+        if rkey is not None or raddr is not None:
+            if not isinstance(rkey, bytes) or not isinstance(raddr, int) or raddr <= 0 or len(rkey) > 4096:
+                raise WireError("the peer's ucx rkey is malformed")
+            p.rkey_msg = (rkey, raddr)
+        # it gets from our region only if it has our rkey (and a region of its own to get into)
+        p.pulls = bool(conn.meta.get("pull")) and self._mapping is not None
         with self._cond:
             old = self._peers.get(conn.peer_id)
             clash = [q for q in self._peers.values() if q.uid == uid and q is not old]

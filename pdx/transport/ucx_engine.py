@@ -27,6 +27,7 @@ from pdx.config import TransportConfig
 from pdx.errors import WireError
 from pdx.transport.base import BatchHandle, DebugCorrupter, MemoryRegion, OpKind, OpStatus
 from pdx.transport.handshake import PeerConnection
+from pdx.transport.ucx_rma import Pending, RemoteKey, Rma
 from pdx.transport.ucx_wire import (
     ACK_MAX,
     ACK_OP,
@@ -47,6 +48,9 @@ from pdx.transport.ucx_wire import (
 
 log = logging.getLogger("pdx.transport.ucx")
 
+#: one RMA get moves at most this much.
+RMA_PIECE = 64 << 20
+
 
 def _stop() -> None:
     """Sentinel command: stop the UCX thread."""
@@ -59,6 +63,9 @@ class _Peer:
     address: bytes
     nbytes: int
     ep: Any = None
+    rkey_msg: tuple[bytes, int] | None = None  # (packed rkey, region address) from the handshake
+    rkey: RemoteKey | None = None  # its region, for our RMA gets (when it pulls from us too)
+    pulls: bool = False  # it can get from our region: we WRITE by pull
     hdr_buf: np.ndarray | None = None
     dead: str | None = None
     batches: set[_Batch] = field(default_factory=set)  # ours, in flight
@@ -103,6 +110,25 @@ class _Group:
         if keep is not None:
             self.keep.append(keep)
 
+class _RmaReq:
+    """UCP RMA requests watched like a ucxx request (``completed``, ``check_error``)."""
+
+    def __init__(self, pending: list[Pending], error: Exception | None = None) -> None:
+        self.pending = pending
+        self.error = error
+
+    @property
+    def completed(self) -> bool:
+        return all([p.done() for p in self.pending])
+
+    def check_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+        bad = [p.status for p in self.pending if not p.ok]
+        if bad:
+            raise WireError(f"UCX RMA failed with status {bad[0]}")
+
+
 class UcxEngine:
     """UCX-side state and work of a ``UcxTransport`` (see the module docstring)."""
 
@@ -120,6 +146,8 @@ class UcxEngine:
     _region: MemoryRegion | None
     _view: memoryview | None
     _arr: np.ndarray | None
+    _rma: Rma | None
+    _rma_waiting: int
 
     def _step(self, commands: bool = True) -> tuple[bool, bool]:
         """One round of UCX work (hold ``_drive``): commands, progress, arrivals, completions.
@@ -131,7 +159,7 @@ class UcxEngine:
         while worker.progress_once():
             pass
         busy = self._probe_reads()
-        busy = self._check() or busy
+        busy = self._check() or busy or self._rma_waiting > 0  # RMA completions raise no event
         with self._cond:
             busy = busy or bool(self._cmds)
         return running, busy
@@ -207,6 +235,9 @@ class UcxEngine:
         self._seq = (self._seq + 1) & 0xFFFFFF
         b.runs = coalesce([ops[i] for i in b.idxs])
         write = b.kind is OpKind.WRITE
+        if write and p.pulls and self._rma is not None:
+            self._start_pull(b)
+            return
         if write:
             b.ack_buf = np.empty(ACK_MAX, dtype=np.uint8)
             ack = p.ep.tag_recv(self._Array(b.ack_buf), self._lib.UCXXTag(tag(K_ACK, p.uid, b.seq)))
@@ -225,6 +256,77 @@ class UcxEngine:
             sends = self._group(p)
             for r, (_, _, off, n) in enumerate(b.runs):
                 self._send(p, arr[off:off + n], tag(K_DATA, self._uid, b.seq, r), sends)
+
+    def _start_pull(self, b: _Batch) -> None:
+        """WRITE by RMA: one header names the runs in our region; the peer gets them straight
+        into its own (``_serve_pull``), verifies and acks. No data message, no rendezvous."""
+        p, ops = b.peer, b.handle.ops
+        b.ack_buf = np.empty(ACK_MAX, dtype=np.uint8)
+        ack = p.ep.tag_recv(self._Array(b.ack_buf), self._lib.UCXXTag(tag(K_ACK, p.uid, b.seq)))
+        self._on(ack, p, functools.partial(self._acked, b), keep=b.ack_buf)
+        self._send(p, pack_msg({"k": "P", "b": b.seq,
+                                "ops": [[ops[i].remote_offset, ops[i].nbytes, ops[i].checksum] for i in b.idxs],
+                                "runs": [r[1] for r in b.runs], "src": [r[2] for r in b.runs]}),
+                   tag(K_HDR, self._uid))
+
+    def _serve_pull(self, p: _Peer, seq: int, ops: list[list[Any]], runs: list[tuple[int, int]],
+                    src: Any) -> None:
+        """A peer's pull header: get each run from its region into ours, then verify and ack."""
+        rma, key = self._rma, p.rkey
+        if (rma is None or key is None or not isinstance(src, list) or len(src) != len(runs)
+                or not all(isinstance(x, int) for x in src)):
+            raise WireError("pull header without a usable rkey or with malformed sources")
+        assert self._arr is not None
+        base, ep = self._arr.ctypes.data, int(p.ep.handle)
+        moves = []
+        for (first, count), off in zip(runs, src):
+            n = sum(op[1] for op in ops[first:first + count])
+            if off < 0 or off + n > key.nbytes:
+                raise WireError(f"pull source [{off}, {off + n}) outside the peer's region ({key.nbytes} bytes)")
+            moves.append((base + ops[first][0], n, off))
+        pending: list[Pending] = []
+        error: Exception | None = None
+        try:
+            for i in range(0, len(moves)):
+                local, n, off = moves[i]
+                for k in range(0, n, RMA_PIECE):
+                    pending.append(rma.get(ep, local + k, min(RMA_PIECE, n - k), key, off + k))
+            pending.append(rma.flush(ep))
+        except Exception as exc:  # those started still complete (cancelled); the batch fails
+            error = exc
+            for q in pending:
+                q.cancel(int(self._worker.handle))
+        req = _RmaReq(pending, error)
+        while self._worker.progress_once():
+            pass
+        if req.completed:  # cma: the bytes moved inside the calls
+            self._pulled(p, seq, ops, req)
+        else:  # completions raise no worker event: the UCX thread polls while any is pending
+            self._rma_waiting += 1
+            self._on(req, p, functools.partial(self._pulled, p, seq, ops, waited=True))
+
+    def _pulled(self, p: _Peer, seq: int, ops: list[list[Any]], req: Any, waited: bool = False) -> None:
+        if waited:
+            self._rma_waiting -= 1
+        if p.dead is not None:
+            return
+        try:
+            req.check_error()
+        except Exception as exc:
+            self._send(p, pack_msg({"err": f"RMA get failed: {exc}"}), tag(K_ACK, self._uid, seq))
+            return
+        self._send(p, pack_msg({"bad": self._verify(ops)}), tag(K_ACK, self._uid, seq))
+
+    def _verify(self, ops: list[list[Any]]) -> list[int]:
+        """Indices of the ops (offset, nbytes, checksum) in our region whose checksum fails."""
+        assert self._view is not None
+        bad = []
+        for j, (off, n, cks) in enumerate(ops):
+            dst = self._view[off:off + n]
+            self._corrupter.maybe_corrupt(dst)
+            if self.config.verify_checksums and cks is not None and checksum(dst) != cks:
+                bad.append(j)
+        return bad
 
     def _probe_reads(self) -> bool:
         """Take the messages that arrived for our READs; True if any was taken."""
@@ -369,13 +471,18 @@ class UcxEngine:
         try:
             req.check_error()
             assert p.hdr_buf is not None
-            kind, seq, ops, runs = parse_header(unpack_msg(p.hdr_buf), self._region.nbytes if self._region else 0)
+            head = unpack_msg(p.hdr_buf)
+            kind, seq, ops, runs = parse_header(head, self._region.nbytes if self._region else 0)
+            if kind == "P":
+                self._serve_pull(p, seq, ops, runs, head.get("src"))
         except Exception as exc:
             log.warning("peer %s sent a bad ucx header; dropping it: %s", p.conn.peer_id, exc)
             self._drop_peer(p, f"protocol error: {exc}")
             p.conn.close(f"protocol error: {exc}")
             return
         self._post_hdr(p)
+        if kind == "P":
+            return
         arr = self._arr
         assert arr is not None
         if kind == "r":
@@ -419,6 +526,11 @@ class UcxEngine:
     def _add_peer(self, p: _Peer) -> None:
         addr = self._lib.UCXAddress.create_from_buffer(p.address)
         p.ep = self._worker.create_endpoint_from_worker_address(addr, False)
+        if p.rkey_msg is not None and self._rma is not None:
+            try:
+                p.rkey = self._rma.unpack(int(p.ep.handle), p.rkey_msg[0], p.rkey_msg[1], p.nbytes)
+            except Exception as exc:  # the tag path still works
+                log.warning("peer %s: cannot unpack its rkey, using tagged messages: %s", p.conn.peer_id, exc)
         self._post_hdr(p)
         self._live.append(p)
 
@@ -434,7 +546,12 @@ class UcxEngine:
         p.reads.clear()
         if p in self._live:
             self._live.remove(p)
+        dropped = [g for g in self._watch if g.peer is p]
+        self._rma_waiting -= sum(1 for g in dropped for r in g.reqs[g.cursor:] if isinstance(r, _RmaReq))
         self._watch = [g for g in self._watch if g.peer is not p]
+        if p.rkey is not None and self._rma is not None:
+            key, p.rkey = p.rkey, None
+            self._rma.destroy(key)
         if p.ep is not None:
             ep, p.ep = p.ep, None
             try:

@@ -108,13 +108,15 @@ def coalesce(ops: Sequence[ChunkOp]) -> list[tuple[int, int, int, int]]:
 def parse_header(head: dict[str, Any], size: int) -> tuple[str, int, list[list[Any]], list[tuple[int, int]]]:
     """``(kind, batch, ops, runs)`` of a batch header, checked against our region of ``size`` bytes.
 
-    ``kind`` is ``"w"`` (the peer writes into us) or ``"r"`` (the peer reads from us);
+    ``kind`` is ``"w"`` (the peer writes into us), ``"P"`` (the peer writes into us by
+    letting us RMA-get the runs from its region, at the header's ``src`` offsets) or ``"r"``
+    (the peer reads from us);
     each op is ``[offset in our region, nbytes, checksum or None]``; each run is
     ``(first op, op count)``, the ops of one message, contiguous in our region.
     ``WireError`` if anything is malformed or out of bounds.
     """
     kind, batch, ops, counts = head.get("k"), head.get("b"), head.get("ops"), head.get("runs")
-    if kind not in ("w", "r") or not isinstance(batch, int) or not isinstance(ops, list) \
+    if kind not in ("w", "P", "r") or not isinstance(batch, int) or not isinstance(ops, list) \
             or len(ops) > OPS_PER_HDR or not isinstance(counts, list):
         raise WireError("header fields missing or of the wrong type")
     for op in ops:

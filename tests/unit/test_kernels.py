@@ -257,7 +257,7 @@ def test_caches_that_do_not_match_the_layout() -> None:
 def test_unknown_implementation() -> None:
     from pdx.errors import BackendUnavailable, UnknownName
 
-    with pytest.raises(UnknownName, match="known: cpu, reference, triton"):
+    with pytest.raises(UnknownName, match="known: cpu, cpu_torch, reference, triton"):
         pack(_caches(), LAY, [(0, 0, 4)], _out(), impl="magic")
     with pytest.raises(BackendUnavailable, match="CUDA"):
         pack(_caches(), LAY, [(0, 0, 4)], _out(), impl="triton")
