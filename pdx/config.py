@@ -406,6 +406,9 @@ class ProxyConfig:
     decode_retries: int = doc_field(1, "other decode workers tried when one fails before its first byte")
     prefill_fallback: bool = doc_field(
         True, "when no prefill worker answers, the decode worker computes the prompt itself")
+    decode_fallback: bool = doc_field(
+        True, "when no decode worker is healthy or answers before its first byte, a prefill worker "
+        "serves the whole request (colocated)")
     health_interval_s: float = doc_field(2.0, "period of health checks (GET /health, agent /readyz)")
     health_timeout_s: float = doc_field(2.0, "limit on one health check")
     unhealthy_after: int = doc_field(2, "failed health checks in a row before a worker leaves the pool")
