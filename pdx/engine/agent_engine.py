@@ -31,7 +31,9 @@ class AgentEngine:
 
     ``store`` / ``transport`` are merged into the agent's config sections; ``engine_env``
     adds to the engine's environment (e.g. ``PDX__CONNECTOR__LOAD_TIMEOUT_S``);
-    ``vllm`` overrides ``VllmOptions`` fields (``model`` and ``cpu_bind`` are arguments);
+    ``vllm`` overrides ``VllmOptions`` fields (``model`` and ``cpu_bind`` are arguments; vLLM's own
+    prefix cache stays on unless ``vllm={"prefix_caching": False}``, which tests use to prove
+    that a hit came from pdx);
     ``agent`` adds other sections of the agent config (e.g. ``registration``); ``env`` is the
     agent's environment (default: this process's).
     """
@@ -47,7 +49,7 @@ class AgentEngine:
         run_dir = Path(workdir) / f"{name}-run"
         run_dir.mkdir(parents=True, exist_ok=True)
         fields: dict[str, Any] = {"model": str(model), "served_model_name": served_model_name,
-                                  "cpu_bind": cpu_bind, "prefix_caching": False}
+                                  "cpu_bind": cpu_bind}
         fields.update(vllm or {})
         self.options = VllmOptions(**fields)
         argv, vllm_env = vllm_command(self.options, run_dir, self.port)
