@@ -204,6 +204,8 @@ class RegistrationConfig:
     """Announcing this agent to a pdx-proxy (see pdx.scheduler.messages)."""
 
     proxy_url: str = doc_field("", "base URL of pdx-proxy; empty = do not announce")
+    proxy_urls: list[str] = doc_field(
+        [], "base URLs of more pdx-proxies of the deployment: the agent announces itself to each")
     heartbeat_s: float = doc_field(2.0, "period of the announcement (each one is a heartbeat)")
     timeout_s: float = doc_field(2.0, "limit on one announcement's HTTP call")
     models: list[str] = doc_field([], "model names the engine serves, as the proxy should route them")
