@@ -48,14 +48,19 @@ def _load(args: argparse.Namespace) -> tuple[DeployConfig, str]:
 # --- demo ------------------------------------------------------------------------------------
 
 
-def _worker_counts(dep: Deployment) -> dict[str, tuple[float, float]]:
-    """Per worker: (prompt tokens seen, prompt tokens that pdx loaded instead of computing)."""
+#: the two tiers a prompt token can come from instead of being computed, as vLLM counts them
+LOCAL_HITS = "vllm:prefix_cache_hits_total"  # the engine's own prefix cache (first tier)
+PDX_HITS = "vllm:external_prefix_cache_hits_total"  # loaded by PdxConnector from pdx (second tier)
+
+
+def _worker_counts(dep: Deployment) -> dict[str, tuple[float, float, float]]:
+    """Per worker: (prompt tokens seen, tokens found in vLLM's own prefix cache, tokens pdx loaded)."""
     from pdx.engine.agent_engine import Metrics
 
     out = {}
     for name, w in dep.workers.items():
         m = Metrics.fetch(f"{w.url}/metrics")
-        out[name] = (m.value("vllm:prompt_tokens_total"), m.value("vllm:external_prefix_cache_hits_total"))
+        out[name] = (m.value("vllm:prompt_tokens_total"), m.value(LOCAL_HITS), m.value(PDX_HITS))
     return out
 
 
@@ -105,15 +110,18 @@ def run_demo(dep: Deployment) -> list[dict[str, Any]]:
                                      dep.api_headers)
         time.sleep(0.3)  # let vLLM publish the step's metrics
         after = _worker_counts(dep)
-        per_worker = {n: (after[n][0] - before[n][0], after[n][1] - before[n][1]) for n in after}
-        row: dict[str, Any] = {"request": label, "prompt_tokens": usage.get("prompt_tokens"), "ttft_ms": round(ttft * 1e3, 1),
-               "workers": {n: {"prompt_tokens": int(p), "loaded_by_pdx": int(h), "computed": int(p - h)}
-                           for n, (p, h) in per_worker.items() if p}}
+        per_worker = {n: tuple(a - b for a, b in zip(after[n], before[n], strict=True)) for n in after}
+        row: dict[str, Any] = {
+            "request": label, "prompt_tokens": usage.get("prompt_tokens"), "ttft_ms": round(ttft * 1e3, 1),
+            "workers": {n: {"prompt_tokens": int(p), "vllm_prefix_cache": int(local), "loaded_by_pdx": int(h),
+                            "computed": int(p - local - h)}
+                        for n, (p, local, h) in per_worker.items() if p}}
         rows.append(row)
         _say(f"  {label}: {row['prompt_tokens']} prompt tokens, TTFT {row['ttft_ms']:.0f} ms, "
              f"text {text[:32]!r}... (random weights: noise, but the same noise as without pdx)")
         for name, c in row["workers"].items():
-            _say(f"      {name:>10}: {c['loaded_by_pdx']:>5} tokens loaded by pdx, {c['computed']:>5} computed")
+            _say(f"      {name:>10}: {c['vllm_prefix_cache']:>5} tokens from vLLM's prefix cache, "
+                 f"{c['loaded_by_pdx']:>5} loaded by pdx, {c['computed']:>5} computed")
     first, repeat = rows[1], rows[2]
     if first["ttft_ms"] and repeat["ttft_ms"]:
         _say(f"  repeated context: TTFT {first['ttft_ms']:.0f} ms -> {repeat['ttft_ms']:.0f} ms "

@@ -204,6 +204,8 @@ class RegistrationConfig:
     """Announcing this agent to a pdx-proxy (see pdx.scheduler.messages)."""
 
     proxy_url: str = doc_field("", "base URL of pdx-proxy; empty = do not announce")
+    proxy_urls: list[str] = doc_field(
+        [], "base URLs of more pdx-proxies of the deployment: the agent announces itself to each")
     heartbeat_s: float = doc_field(2.0, "period of the announcement (each one is a heartbeat)")
     timeout_s: float = doc_field(2.0, "limit on one announcement's HTTP call")
     models: list[str] = doc_field([], "model names the engine serves, as the proxy should route them")
@@ -406,6 +408,9 @@ class ProxyConfig:
     decode_retries: int = doc_field(1, "other decode workers tried when one fails before its first byte")
     prefill_fallback: bool = doc_field(
         True, "when no prefill worker answers, the decode worker computes the prompt itself")
+    decode_fallback: bool = doc_field(
+        True, "when no decode worker is healthy or answers before its first byte, a prefill worker "
+        "serves the whole request (colocated)")
     health_interval_s: float = doc_field(2.0, "period of health checks (GET /health, agent /readyz)")
     health_timeout_s: float = doc_field(2.0, "limit on one health check")
     unhealthy_after: int = doc_field(2, "failed health checks in a row before a worker leaves the pool")

@@ -58,7 +58,8 @@ class DeployConfig:
     start_timeout_s: float = doc_field(300.0, "limit on the whole start-up (model build excluded)")
     vllm: dict[str, Any] = doc_field(
         {"max_model_len": 4096, "kv_cache_gib": 1},
-        "vLLM options for every worker (see pdx.engine.vllm.VllmOptions)")
+        "vLLM options for every worker (see pdx.engine.vllm.VllmOptions); vLLM's own prefix cache "
+        "stays on (the first tier, pdx the second) unless prefix_caching: false")
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     workers: list[WorkerSpec] = doc_field([], "the workers; at least one that can prefill and one that can decode")
 
@@ -186,7 +187,7 @@ class Deployment:
                 w.name, self.model_path, w.role, run_root, cpu_bind=w.cpu_bind,
                 served_model_name=self.served_model_name,
                 store={"chunk_tokens": self.cfg.chunk_tokens, **w.store}, transport=w.transport,
-                vllm={"prefix_caching": False, **self.cfg.vllm},
+                vllm=dict(self.cfg.vllm),
                 agent={"registration": {"proxy_url": self.url, "heartbeat_s": 1, "admin_key": self.admin_key}},
                 env=self.child_env)
             self.progress(f"{w.name}: starting vLLM ({w.role}) under pdx-agent on {engine.url}")

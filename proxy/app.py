@@ -47,7 +47,7 @@ from pdx.scheduler.registry import Side, WorkerRegistry
 from pdx.scheduler.summary import MAX_SUMMARY_BYTES
 from pdx.scheduler.tokenizer import Tokenizer, load_tokenizer
 from proxy.admission import Admission
-from proxy.flow import Endpoint, PDFlow
+from proxy.flow import ANSWER_SENT, Endpoint, PDFlow
 from proxy.health import HealthChecker
 from proxy.metrics import ProxyMetrics
 from proxy.upstream import UpstreamPool
@@ -292,9 +292,14 @@ class ProxyServer:
                 log.warning("request %s: %d %s", rid, exc.status, exc.message)
             resp = error_response(exc, rid)
         except (ConnectionResetError, asyncio.CancelledError) as exc:
-            m.disconnects.inc()
-            m.count_request(endpoint.value, _STATUS_DISCONNECTED)
-            log.info("request %s: the client went away; upstream requests closed", rid)
+            if request.get(ANSWER_SENT):
+                # A client closing once it has read [DONE] is the normal end of a stream.
+                m.count_request(endpoint.value, 200, time.perf_counter() - t0)
+                log.debug("request %s: the client closed after the end of the answer", rid)
+            else:
+                m.disconnects.inc()
+                m.count_request(endpoint.value, _STATUS_DISCONNECTED)
+                log.info("request %s: the client went away; upstream requests closed", rid)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             # The transport is gone: aiohttp drops whatever we return, quietly.
@@ -313,13 +318,19 @@ class ProxyServer:
         return web.json_response({"object": "list", "data": data})
 
     async def _health(self, request: web.Request) -> web.Response:
-        """200 once a decode worker has passed a health check (or its agent announced it)."""
+        """200 once a decode worker has passed a health check (or its agent announced it), or,
+        with ``decode_fallback``, a prefill worker (then ``status: degraded``: it serves whole)."""
         now = self.registry.clock()
         decode = sum(w.verified(now) for w in self.registry.candidates(Side.DECODE))
         prefill = sum(w.verified(now) for w in self.registry.candidates(Side.PREFILL))
-        ok = decode > 0
-        return web.json_response({"status": "ok" if ok else "no healthy decode worker",
-                                  "workers": {"prefill": prefill, "decode": decode}},
+        if decode and (prefill or not self.registry.has_role(Side.PREFILL)):
+            status = "ok"
+        elif decode or (prefill and self.cfg.decode_fallback):
+            status = "degraded"
+        else:
+            status = "no healthy decode worker"
+        ok = status != "no healthy decode worker"
+        return web.json_response({"status": status, "workers": {"prefill": prefill, "decode": decode}},
                                  status=200 if ok else 503)
 
     async def _metrics(self, request: web.Request) -> web.Response:

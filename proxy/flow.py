@@ -16,7 +16,13 @@ For one validated generate request (``app.py`` parses and admits it):
    worker that fails before it is retried on the next one (``decode_retries``).
    After it, bytes are forwarded as they arrive, unparsed. A stream that breaks
    later ends with an SSE ``error`` event.
-4. **Aborts.** A client that goes away cancels the handler (the server runs with
+4. **Degradation.** With no healthy decode worker, or when every decode worker
+   tried failed before its first byte, a prefill worker serves the whole request
+   (the client's body, no ``kv_transfer_params``; the worker that just prefilled it
+   goes first, since it holds the prompt's KV). With no healthy prefill worker the
+   decode worker computes the prompt. Both are counted in
+   ``pdx_proxy_degraded_total{missing}`` and logged.
+5. **Aborts.** A client that goes away cancels the handler (the server runs with
    handler cancellation); every upstream response still open is then closed, so
    vLLM aborts the request on both workers and frees (or lets its connector
    release) the KV it holds.
@@ -45,7 +51,7 @@ from aiohttp import web
 
 from pdx.config import ProxyConfig
 from pdx.errors import ConnectError, NoWorkers, TransportError, UpstreamError, UpstreamTimeout
-from pdx.scheduler.policies import Route, RouteRequest, RoutingPolicy
+from pdx.scheduler.policies import RouteRequest, RoutingPolicy
 from pdx.scheduler.registry import Side, Worker, WorkerRegistry
 from pdx.scheduler.tokenizer import Tokenizer, render_plain_chat
 from proxy.metrics import ProxyMetrics
@@ -53,6 +59,10 @@ from proxy.upstream import UpstreamPool, UpstreamResponse
 
 log = logging.getLogger("pdx.proxy")
 
+#: set on the aiohttp request once the client has been sent the whole answer (``[DONE]`` or
+#: decode's end): a client closing after that is a normal end, not a disconnect.
+ANSWER_SENT = web.RequestKey("pdx_answer_sent", bool)
+_DONE_EVENT = b"data: [DONE]\n\n"
 #: prompts longer than this (characters) are tokenized on a worker thread.
 TOKENIZE_INLINE_CHARS = 2048
 _PREFILL_DROP = ("stream_options", "min_tokens", "kv_transfer_params")
@@ -111,6 +121,13 @@ def _decode_body(body: dict[str, Any], raw: bytes | None, kv_params: Any) -> byt
     if kv_params is not None:
         body = {**body, "kv_transfer_params": kv_params}
     return json.dumps(body, separators=(",", ":")).encode()
+
+
+def _decode_error(failures: Sequence[CallFailure], retry_after: float) -> UpstreamError:
+    detail = "; ".join(f"{f.kind} ({f.detail})" for f in failures)
+    if failures and all(f.kind == "timeout" for f in failures):
+        return UpstreamTimeout(f"decode timed out: {detail}", retry_after=retry_after)
+    return UpstreamError(f"decode failed on every worker tried: {detail}", retry_after=retry_after)
 
 
 class PDFlow:
@@ -181,14 +198,22 @@ class PDFlow:
             raw = None
         rreq = await self._route_request(endpoint, body, rid)
         decode = self.registry.candidates(Side.DECODE)
+        prefill = self.registry.candidates(Side.PREFILL)
+        headers = {"Content-Type": "application/json", "X-Request-Id": rid, **self._auth}
+        stream = body.get("stream") is True
         if not decode:
-            raise NoWorkers("no healthy decode worker", retry_after=self.cfg.retry_after_s)
-        route = self.policy.route(rreq, self.registry.candidates(Side.PREFILL), decode)
+            if not (prefill and self.cfg.decode_fallback):
+                raise NoWorkers("no healthy decode worker", retry_after=self.cfg.retry_after_s)
+            return await self._serve_whole(request, endpoint, body, raw, rreq, prefill, (), headers, t0,
+                                           "no healthy decode worker")
+        route = self.policy.route(rreq, prefill, decode)
         self.metrics.count_route(route.reason)
         if route.total_chunks:
             self.metrics.cached_chunks.inc(route.cached_chunks)
             self.metrics.prompt_chunks.inc(route.total_chunks)
-        headers = {"Content-Type": "application/json", "X-Request-Id": rid, **self._auth}
+        if not prefill and self.registry.has_role(Side.PREFILL):
+            # Prefill workers exist but none is in the pool: decode computes the prompt.
+            self._degraded(rid, "prefill", "no healthy prefill worker: the decode worker computes the prompt")
         kv_params: Any = None
         prefill_used: Worker | None = None
         if route.prefill:
@@ -198,12 +223,49 @@ class PDFlow:
             if got is not None:
                 kv_params, prefill_used = got
         data = _decode_body(body, raw, kv_params)
-        resp, decode_used = await self._decode(request, endpoint, body.get("stream") is True, data,
-                                               rreq, route, headers, t0)
+        tried = route.decode[: 1 + self.cfg.decode_retries]
+        served = await self._decode(request, endpoint, stream, data, rreq, tried, headers, t0)
+        if isinstance(served, list):
+            whole = [w for w in self.registry.candidates(Side.PREFILL) if w not in tried]
+            if not (whole and self.cfg.decode_fallback):
+                raise _decode_error(served, self.cfg.retry_after_s)
+            first = (prefill_used,) if prefill_used is not None and prefill_used in whole else ()
+            return await self._serve_whole(request, endpoint, body, raw, rreq, whole, first, headers, t0,
+                                           "every decode worker tried failed before its first byte",
+                                           served)
+        resp, decode_used = served
         if self.cfg.log_requests:
             log.info("request %s %s: prefill=%s decode=%s route=%s cached=%d/%d status=%d ms=%.1f",
                      rid, endpoint.value, prefill_used.id if prefill_used else "-", decode_used.id,
                      route.reason, route.cached_chunks, route.total_chunks, resp.status,
+                     (time.perf_counter() - t0) * 1e3)
+        return resp
+
+    def _degraded(self, rid: str, missing: str, why: str) -> None:
+        self.metrics.count_degraded(missing)
+        log.warning("request %s: degraded (%s missing): %s", rid, missing, why)
+
+    async def _serve_whole(self, request: web.Request, endpoint: Endpoint, body: dict[str, Any],
+                           raw: bytes | None, rreq: RouteRequest, workers: Sequence[Worker],
+                           first: Sequence[Worker], headers: dict[str, str], t0: float, why: str,
+                           earlier: Sequence[CallFailure] = ()) -> web.StreamResponse:
+        """Serve the whole request (prompt and generation) on prefill-capable ``workers``, the
+        ``first`` ones first, then in the policy's order. A vLLM worker can do both halves; its
+        connector stores what it computes, so nothing is lost but the split."""
+        rest = [w for w in workers if w not in first]
+        ordered = self.policy.route(rreq, (), rest).decode if rest else ()
+        order = (*first, *ordered)[: 1 + self.cfg.decode_retries]
+        self._degraded(rreq.request_id, "decode",
+                       f"{why}: prefill worker {order[0].id} serves the whole request")
+        data = _decode_body(body, raw, None)
+        served = await self._decode(request, endpoint, body.get("stream") is True, data, rreq, order,
+                                    headers, t0)
+        if isinstance(served, list):
+            raise _decode_error([*earlier, *served], self.cfg.retry_after_s)
+        resp, used = served
+        if self.cfg.log_requests:
+            log.info("request %s %s: prefill=- decode=- whole=%s route=degraded status=%d ms=%.1f",
+                     rreq.request_id, endpoint.value, used.id, resp.status,
                      (time.perf_counter() - t0) * 1e3)
         return resp
 
@@ -247,6 +309,7 @@ class PDFlow:
                                 retry_after=self.cfg.retry_after_s)
         log.warning("request %s: prefill failed (%s); decode computes the prompt", rreq.request_id, detail)
         self.metrics.prefill_fallback.inc()
+        self.metrics.count_degraded("prefill")
         return None
 
     async def _prefill_once(self, w: Worker, endpoint: Endpoint, data: bytes,
@@ -276,11 +339,13 @@ class PDFlow:
         self.registry.record_failure(w, f"{f.kind}: {f.detail}", fatal=f.fatal)
 
     async def _decode(self, request: web.Request, endpoint: Endpoint, stream: bool, data: bytes,
-                      rreq: RouteRequest, route: Route, headers: dict[str, str],
-                      t0: float) -> tuple[web.StreamResponse, Worker]:
+                      rreq: RouteRequest, workers: Sequence[Worker], headers: dict[str, str],
+                      t0: float) -> tuple[web.StreamResponse, Worker] | list[CallFailure]:
+        """The answer and the worker that gave it, or why each of ``workers`` failed before its
+        first byte (nothing was sent to the client then, so the caller may try elsewhere)."""
         cost = rreq.cost(Side.DECODE)
         failures: list[CallFailure] = []
-        for i, w in enumerate(route.decode[: 1 + self.cfg.decode_retries]):
+        for i, w in enumerate(workers):
             if i:
                 self.metrics.retries.labels("decode").inc()
             self.registry.begin(w, cost)
@@ -317,11 +382,7 @@ class PDFlow:
                 self.registry.end(w, cost)
                 if upstream is not None:
                     upstream.close()  # no-op when fully read; aborts the worker's request otherwise
-        detail = "; ".join(f"{f.kind} ({f.detail})" for f in failures)
-        if failures and all(f.kind == "timeout" for f in failures):
-            raise UpstreamTimeout(f"decode timed out: {detail}", retry_after=self.cfg.retry_after_s)
-        raise UpstreamError(f"decode failed on every worker tried: {detail}",
-                            retry_after=self.cfg.retry_after_s)
+        return failures
 
     def _plain(self, raw: bytes, content_type: str, rid: str, endpoint: Endpoint,
                t0: float) -> web.Response:
@@ -355,6 +416,8 @@ class PDFlow:
         try:
             await out.prepare(request)
             await out.write(first)
+            if first.endswith(_DONE_EVENT):
+                request[ANSWER_SENT] = True
             self.metrics.observe_ttfb(endpoint.value, time.perf_counter() - t0)
             while True:
                 try:
@@ -369,9 +432,12 @@ class PDFlow:
                     await out.write(b"data: " + json.dumps(err).encode() + b"\n\n")
                     break
                 if not chunk:
+                    request[ANSWER_SENT] = True
                     break
                 last[0] = loop.time()
                 await out.write(chunk)
+                if chunk.endswith(_DONE_EVENT):
+                    request[ANSWER_SENT] = True
             await out.write_eof()
         except (ConnectionResetError, asyncio.CancelledError):
             upstream.close()

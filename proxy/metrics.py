@@ -52,6 +52,10 @@ class ProxyMetrics:
         self.prefill_fallback = Counter("pdx_proxy_prefill_fallback",
                                         "requests whose decode worker computed the prompt because "
                                         "no prefill worker answered", registry=r)
+        self.degraded = Counter("pdx_proxy_degraded",
+                                "requests served without one half of the P/D pair: missing=decode "
+                                "(a prefill worker served it whole), missing=prefill (the decode "
+                                "worker computed the prompt)", ["missing"], registry=r)
         self.routes = Counter("pdx_proxy_routes", "routing decisions, by policy reason", ["reason"],
                               registry=r)
         self.cached_chunks = Counter("pdx_proxy_routed_cached_chunks",
@@ -85,6 +89,9 @@ class ProxyMetrics:
 
     def observe_ttfb(self, endpoint: str, seconds: float) -> None:
         self._child(self.ttfb, endpoint).observe(seconds)
+
+    def count_degraded(self, missing: str) -> None:
+        self._child(self.degraded, missing).inc()
 
     def count_route(self, reason: str) -> None:
         self._child(self.routes, reason).inc()

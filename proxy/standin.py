@@ -38,6 +38,7 @@ class StandinBehaviour:
     first_token_delay_s: float = 0.0
     pace_s: float = 0.0  # pause between streamed tokens
     tokens: int = 8  # answer length when the request does not say (max_tokens)
+    done_linger_s: float = 0.0  # streaming: pause after [DONE] before ending the response
     health_status: int = 200
     models_fail: bool = False
 
@@ -183,6 +184,8 @@ class StandinWorker:
                 piece = head + f'"text":" w{i}","logprobs":null,"finish_reason":'.encode()
             await resp.write(piece + finish + b"}]}\n\n")
         await resp.write(b"data: [DONE]\n\n")
+        if b.done_linger_s:
+            await asyncio.sleep(b.done_linger_s)
         await resp.write_eof()
         return resp
 

@@ -137,7 +137,7 @@ def run(cfg: AgentConfig, engine_cmd: list[str], log_level: str = "INFO") -> int
     """Run until SIGTERM/SIGINT. Blocking; call from the main thread (it installs signal handlers)."""
     from pdx.agent.http import HttpEndpoint
     from pdx.agent.launcher import EngineSupervisor, engine_command
-    from pdx.agent.registration import Announcer, build_announcement
+    from pdx.agent.registration import Announcer, build_announcement, proxy_urls
     from pdx.agent.server import AgentServer
     from pdx.scheduler.messages import AgentAnnouncement
 
@@ -178,7 +178,7 @@ def run(cfg: AgentConfig, engine_cmd: list[str], log_level: str = "INFO") -> int
                                       on_start=on_start, on_exit=lambda _rc: server.metrics.engine_up.set(0))
             server.engine = engine
             engine.start()
-        if cfg.registration.proxy_url:
+        if proxy_urls(cfg.registration):
             seq = iter(range(1, 1 << 62))
             warned: list[bool] = []
 

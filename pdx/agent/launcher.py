@@ -12,7 +12,8 @@ when it exits unexpectedly; the agent's pool, and so every committed chunk,
 outlives the engine. After ``max_restarts`` failed starts in a row (an engine up
 ``stable_after_s`` resets the count) it gives up: state ``FAILED``, and ``/readyz``
 says so. ``stop()`` sends SIGTERM, then SIGKILL to the group after
-``stop_timeout_s``.
+``stop_timeout_s``. After an engine exit (a crash, or a stop that needed SIGKILL) the
+``psm_*`` shared-memory segments the engine created are removed (``pdx.agent.shm_reaper``).
 
 Threading: one supervisor thread per engine; ``status()``, ``stop()`` are
 thread-safe. The engine receives SIGTERM if the agent dies (``PR_SET_PDEATHSIG``),
@@ -35,6 +36,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from pdx.agent.shm_reaper import EngineShm
 from pdx.config import EngineConfig
 from pdx.errors import EngineError
 
@@ -43,6 +45,7 @@ log = logging.getLogger("pdx.agent.engine")
 AGENT_ADDRESS_ENV = "PDX_AGENT_ADDRESS"
 CONNECTOR_CLASS = "PdxConnector"
 CONNECTOR_MODULE = "pdx.connector.vllm"
+OMP_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 KV_ROLES = {"prefill": "kv_producer", "decode": "kv_consumer", "both": "kv_both"}
 
 
@@ -104,7 +107,11 @@ def engine_command(command: Sequence[str], *, role: str, control_address: str, r
 
         run_dir.mkdir(parents=True, exist_ok=True)
         # Only the environment is taken: vLLM's CPU fixes live in one place (pdx.engine.vllm).
+        # Core binding is the user's choice when their environment makes one (engine.env still wins).
+        bind = env.get(OMP_BIND_ENV)
         _, env = vllm_command(VllmOptions(model="-"), run_dir, 0, env)
+        if bind:
+            env[OMP_BIND_ENV] = bind
         if config.inject_kv_config and "--kv-transfer-config" not in argv:
             argv += ["--kv-transfer-config",
                      json.dumps(kv_transfer_config(role, control_address, request_timeout_s), sort_keys=True)]
@@ -154,6 +161,7 @@ class EngineSupervisor:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._shm = EngineShm()
 
     # --- public ------------------------------------------------------------------------------
 
@@ -193,6 +201,8 @@ class EngineSupervisor:
             log.info("engine pid %d stopped (exit code %s)", proc.pid, rc)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(limit + 5.0)
+        if self._thread is None or not self._thread.is_alive():
+            self._shm.reap()
         with self._lock:
             self._state = EngineState.STOPPED
         return rc
@@ -201,6 +211,7 @@ class EngineSupervisor:
 
     def _launch(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._shm = EngineShm()  # /dev/shm before the launch: what exists now is not the engine's
         with self.log_path.open("ab") as out:
             out.write(f"\n=== pdx-agent: starting engine (restart {self._restarts}) at "
                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(self.argv)}\n".encode())
@@ -222,6 +233,7 @@ class EngineSupervisor:
             self.on_start(proc.pid)
 
     def _supervise(self) -> None:
+        next_scan = 0.0
         while not self._stop.is_set():
             with self._lock:
                 proc = self._proc
@@ -230,11 +242,16 @@ class EngineSupervisor:
             try:
                 rc = proc.wait(timeout=0.2)
             except subprocess.TimeoutExpired:
+                now = time.monotonic()
+                if now >= next_scan:  # which psm_* segments the engine maps (made at start-up)
+                    self._shm.scan(proc.pid)
+                    next_scan = now + (1.0 if now - self._started_at < 60.0 else 10.0)
                 continue
             if self._stop.is_set():
                 return
             ran = time.monotonic() - self._started_at
             _reap_group(proc.pid)
+            self._shm.reap()
             with self._lock:
                 self._last_exit = rc
                 if ran >= self.config.stable_after_s:

@@ -2,13 +2,15 @@
 
 The message is ``pdx.scheduler.messages.AgentAnnouncement`` (role, engine URL,
 addresses, load, a Bloom-filter summary of the chunk keys held). It is POSTed as
-JSON to ``<proxy_url>/admin/register`` at start and then every ``heartbeat_s``;
-each one is a full announcement, so a restarted proxy relearns the agent within
-one period. ``stop()`` sends a last one with ``leaving=True``.
+JSON to ``<proxy>/admin/register`` of every proxy of the deployment (``proxy_url``
+plus ``proxy_urls``) at start and then every ``heartbeat_s``; each one is a full
+announcement, so a restarted proxy relearns the agent within one period. ``stop()``
+sends a last one with ``leaving=True`` to each.
 
 A proxy that is down or slow costs one failed POST per period (bounded by
 ``timeout_s``), counted in ``pdx_agent_announcements{result="error"}``; it never
-affects the data path. One thread; ``stop()`` is idempotent and thread-safe.
+affects the data path nor the other proxies: each proxy has its own thread.
+``stop()`` is idempotent and thread-safe.
 """
 
 from __future__ import annotations
@@ -34,31 +36,46 @@ log = logging.getLogger("pdx.agent.registration")
 REGISTER_PATH = "/admin/register"
 
 
+def proxy_urls(config: RegistrationConfig) -> list[str]:
+    """Every proxy the agent announces itself to (``proxy_url`` first, no duplicates)."""
+    urls = [u.strip().rstrip("/") for u in (config.proxy_url, *config.proxy_urls)]
+    return list(dict.fromkeys(u for u in urls if u))
+
+
 class Announcer:
-    """Posts ``snapshot(leaving)`` to the proxy every ``heartbeat_s`` on its own thread."""
+    """Posts ``snapshot(leaving)`` to every proxy every ``heartbeat_s``, one thread per proxy."""
 
     def __init__(self, config: RegistrationConfig, snapshot: Callable[[bool], AgentAnnouncement | None],
                  metrics: AgentMetrics) -> None:
         self.config = config
-        self.url = config.proxy_url.rstrip("/") + REGISTER_PATH
+        self.urls = [u + REGISTER_PATH for u in proxy_urls(config)]
+        self.url = self.urls[0] if self.urls else ""
         self._snapshot = snapshot
         self._metrics = metrics
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._failing = False
+        self._threads: list[threading.Thread] = []
+        self._failing: dict[str, bool] = {}
+        self._lock = threading.Lock()
         self.sent = 0
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="pdx-agent-announce", daemon=True)
-        self._thread.start()
+        for url in self.urls:
+            t = threading.Thread(target=self._run, args=(url,), name="pdx-agent-announce", daemon=True)
+            t.start()
+            self._threads.append(t)
 
-    def _run(self) -> None:
+    def _run(self, url: str) -> None:
         while not self._stop.is_set():
-            self.announce(leaving=False)
+            self._post(url, leaving=False)
             self._stop.wait(self.config.heartbeat_s)
 
     def announce(self, leaving: bool) -> bool:
-        """One POST; True when the proxy accepted it (2xx). Never raises."""
+        """One POST to each proxy; True when every one accepted it (2xx). Never raises."""
+        results = [self._post(url, leaving) for url in self.urls]
+        return bool(results) and all(results)
+
+    def _post(self, url: str, leaving: bool) -> bool:
+        """One POST to ``url``; True when the proxy accepted it (2xx). Never raises."""
         try:
             msg = self._snapshot(leaving)
             if msg is None:  # nothing to announce yet (no engine URL known)
@@ -70,39 +87,43 @@ class Announcer:
         headers = {"Content-Type": "application/json"}
         if self.config.admin_key:
             headers["Authorization"] = f"Bearer {self.config.admin_key}"
-        req = urllib.request.Request(self.url, data=body, method="POST", headers=headers)
+        req = urllib.request.Request(url, data=body, method="POST", headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=self.config.timeout_s) as resp:
                 ok = 200 <= int(resp.status) < 300
         except urllib.error.HTTPError as exc:
             ok = False
             detail = exc.read(512).decode("utf-8", "replace")
-            self._note(False, f"HTTP {exc.code}: {detail}")
+            self._note(url, False, f"HTTP {exc.code}: {detail}")
         except (urllib.error.URLError, OSError, ValueError) as exc:
             ok = False
-            self._note(False, str(getattr(exc, "reason", exc)))
+            self._note(url, False, str(getattr(exc, "reason", exc)))
         else:
-            self._note(ok, "" if ok else "non-2xx reply")
+            self._note(url, ok, "" if ok else "non-2xx reply")
         if ok:
-            self.sent += 1
+            with self._lock:
+                self.sent += 1
         return ok
 
-    def _note(self, ok: bool, why: str) -> None:
+    def _note(self, url: str, ok: bool, why: str) -> None:
         self._metrics.announcements.labels(result="ok" if ok else "error").inc()
-        if ok and self._failing:
-            log.info("proxy at %s accepts announcements again", self.url)
-        elif not ok and not self._failing:
-            log.warning("cannot announce to the proxy at %s: %s (retrying every %.1fs)", self.url, why,
+        with self._lock:
+            failing = self._failing.get(url, False)
+            self._failing[url] = not ok
+        if ok and failing:
+            log.info("proxy at %s accepts announcements again", url)
+        elif not ok and not failing:
+            log.warning("cannot announce to the proxy at %s: %s (retrying every %.1fs)", url, why,
                         self.config.heartbeat_s)
-        self._failing = not ok
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop heartbeats and say goodbye (one bounded POST)."""
         if self._stop.is_set():
             return
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
         deadline = time.monotonic() + timeout
         if time.monotonic() < deadline:
             self.announce(leaving=True)

@@ -31,23 +31,27 @@ class AgentEngine:
 
     ``store`` / ``transport`` are merged into the agent's config sections; ``engine_env``
     adds to the engine's environment (e.g. ``PDX__CONNECTOR__LOAD_TIMEOUT_S``);
-    ``vllm`` overrides ``VllmOptions`` fields (``model`` and ``cpu_bind`` are arguments);
+    ``vllm`` overrides ``VllmOptions`` fields (``model`` and ``cpu_bind`` are arguments; vLLM's own
+    prefix cache stays on unless ``vllm={"prefix_caching": False}``, which tests use to prove
+    that a hit came from pdx);
     ``agent`` adds other sections of the agent config (e.g. ``registration``); ``env`` is the
-    agent's environment (default: this process's).
+    agent's environment (default: this process's). ``host`` is the address vLLM binds (another
+    host's address in a multi-host deployment; the agent's own addresses go in ``agent`` and
+    ``transport``).
     """
 
     def __init__(self, name: str, model: str | Path, role: str, workdir: Path, *, cpu_bind: str = "auto",
                  served_model_name: str = "", store: Mapping[str, Any] | None = None,
                  transport: Mapping[str, Any] | None = None, engine_env: Mapping[str, str] | None = None,
                  vllm: Mapping[str, Any] | None = None, agent: Mapping[str, Any] | None = None,
-                 env: Mapping[str, str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None, host: str = "127.0.0.1") -> None:
         self.name = name
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.port = free_port(host)
+        self.url = f"http://{host}:{self.port}"
         run_dir = Path(workdir) / f"{name}-run"
         run_dir.mkdir(parents=True, exist_ok=True)
         fields: dict[str, Any] = {"model": str(model), "served_model_name": served_model_name,
-                                  "cpu_bind": cpu_bind, "prefix_caching": False}
+                                  "cpu_bind": cpu_bind, "host": host}
         fields.update(vllm or {})
         self.options = VllmOptions(**fields)
         argv, vllm_env = vllm_command(self.options, run_dir, self.port)

@@ -8,7 +8,8 @@ process tree:
 * ``wait_ready(timeout_s)`` polls ``GET /health`` and fails fast, with the log's tail,
   if the process exits first;
 * ``stop(timeout_s)`` sends SIGTERM to the server's PID, then SIGKILL to its process group
-  (the engine core and worker children) after the timeout. Idempotent.
+  (the engine core and worker children) after the timeout, and removes the ``psm_*`` segments
+  a killed server leaves in ``/dev/shm`` (``pdx.agent.shm_reaper``). Idempotent.
 
 All calls block; a ``VllmServer`` is not thread-safe (one owner). vLLM itself is not
 imported here: only its command line is, so this module is cheap to import.
@@ -167,6 +168,7 @@ class VllmServer:
         self._base_env = base_env
         self._proc: subprocess.Popen[bytes] | None = None
         self._t0 = 0.0
+        self._shm: Any = None  # pdx.agent.shm_reaper.EngineShm of this run
 
     # --- properties ------------------------------------------------------------------------
 
@@ -207,6 +209,9 @@ class VllmServer:
             self.port = free_port(self.opts.host)
         argv, env = vllm_command(self.opts, self.run_dir, self.port, self._base_env)
         (self.run_dir / "command.json").write_text(json.dumps({"argv": argv}, indent=1) + "\n")
+        from pdx.agent.shm_reaper import EngineShm
+
+        self._shm = EngineShm()  # /dev/shm before the launch, to tell this server's segments apart
         self._t0 = time.monotonic()
         with self.log_path.open("ab") as log:
             try:
@@ -236,6 +241,8 @@ class VllmServer:
             if self._healthy(min(2.0, poll_s * 8)):
                 self.start_s = time.monotonic() - self._t0
                 self.state = ServerState.READY
+                if self._shm is not None:  # ready: vLLM's shared-memory queues exist now
+                    self._shm.scan(self._proc.pid)
                 return self.start_s
             if time.monotonic() >= deadline:
                 raise EngineError(f"vLLM server not ready after {timeout_s:.0f}s; "
@@ -275,6 +282,8 @@ class VllmServer:
             time.sleep(0.1)
         if _group_alive(pgid):
             _kill_group(pgid)
+        if self._shm is not None:  # a server that had to be killed leaves its psm_* segments
+            self._shm.reap()
         self.state = ServerState.STOPPED
         return proc.returncode
 

@@ -243,6 +243,12 @@ class WorkerRegistry:
             return [w for w in self._workers.values() if w.role.prefills and w.available(now)]
         return [w for w in self._workers.values() if w.role.decodes and w.available(now)]
 
+    def has_role(self, side: Side) -> bool:
+        """Whether any worker that can serve ``side`` is known, in the pool or not."""
+        if side is Side.PREFILL:
+            return any(w.role.prefills for w in self._workers.values())
+        return any(w.role.decodes for w in self._workers.values())
+
     def announce(self, msg: AgentAnnouncement) -> Worker:
         """Apply one announcement (registration or heartbeat); returns the worker it concerns."""
         url = normalize_url(msg.engine_url)

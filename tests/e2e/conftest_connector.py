@@ -134,7 +134,7 @@ def make_engine(name: str, spec: EngineSpec, model: BuiltModel, root: Path, redi
                        store=store, transport=spec.transport,
                        # A fetch from a dead peer fails at this deadline: keeps the failure tests short.
                        engine_env={"PDX__CONNECTOR__LOAD_TIMEOUT_S": str(LOAD_TIMEOUT_S)},
-                       vllm={"kv_cache_gib": 1, "max_model_len": 4096})
+                       vllm={"kv_cache_gib": 1, "max_model_len": 4096, "prefix_caching": False})
 
 
 

@@ -2,12 +2,18 @@
 to pdx-proxy, which pairs a prefill and a decode vLLM worker (each under its pdx-agent).
 
 Answers must equal, text and token ids, those of a plain vLLM server on the same model;
-a second request with the same long prefix must be served from pdx's cache (proxy and vLLM
-metrics show it).
+a second request with the same long prefix must be served from cache: vLLM's own prefix
+cache (on, as in ``pdx up``) or pdx's, each counted by its own metric. Last, the decode
+engine is killed with SIGKILL: every request after that still succeeds (a prefill worker
+serves it whole), the agent restarts the engine and reaps its shared memory, and the pool
+that survived the crash serves the next repeat.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -63,9 +69,16 @@ def _stream(client: Any, prompt: str) -> str:
     return "".join(parts)
 
 
-def _hits(dep: Deployment) -> dict[str, float]:
-    return {name: Metrics.fetch(f"{w.url}/metrics").value("vllm:external_prefix_cache_hits_total")
-            for name, w in dep.workers.items()}
+LOCAL_HITS = "vllm:prefix_cache_hits_total"  # vLLM's own prefix cache
+PDX_HITS = "vllm:external_prefix_cache_hits_total"  # tokens PdxConnector loaded from pdx
+
+
+def _hits(dep: Deployment, name: str = PDX_HITS) -> dict[str, float]:
+    return {worker: Metrics.fetch(f"{w.url}/metrics").value(name) for worker, w in dep.workers.items()}
+
+
+def _both_tiers(dep: Deployment) -> float:
+    return sum(_hits(dep, LOCAL_HITS).values()) + sum(_hits(dep, PDX_HITS).values())
 
 
 def test_completions_equal_plain_vllm(clients: tuple[Any, Any]) -> None:
@@ -101,18 +114,84 @@ def test_repeated_prefix_is_served_from_cache(deployment: Deployment, clients: t
     assert _complete(pdx, first) == _complete(plain, first)
 
     proxy_before = Metrics.fetch(f"{deployment.url}/metrics")
-    hits_before = _hits(deployment)
+    hits_before = _both_tiers(deployment)
     assert _complete(pdx, second) == _complete(plain, second)
     proxy_after = Metrics.fetch(f"{deployment.url}/metrics")
-    hits_after = _hits(deployment)
+    hits_after = _both_tiers(deployment)
 
     cached_chunks = (proxy_after.value("pdx_proxy_routed_cached_chunks_total")
                      - proxy_before.value("pdx_proxy_routed_cached_chunks_total"))
     assert cached_chunks >= 5, "the proxy did not route the repeated prefix to a worker holding it"
-    loaded = sum(hits_after.values()) - sum(hits_before.values())
-    assert loaded >= cached_chunks * CHUNK_TOKENS, (hits_before, hits_after)
+    # the prefill worker finds the prefix in vLLM's prefix cache, the decode worker in its own
+    # prefix cache or (what it lacks) in pdx: computed tokens are what neither tier held
+    assert hits_after - hits_before >= cached_chunks * CHUNK_TOKENS, (hits_before, hits_after)
 
 
 def test_logs_are_kept(deployment: Deployment) -> None:
     assert (Path(deployment.workdir) / "proxy.log").is_file()
     assert deployment.run_root is not None and any(deployment.run_root.glob("*/data/logs/engine-*.log"))
+
+
+def _engine_psm(engine: Any) -> set[str]:
+    """The psm_* shared-memory segments the engine's process tree maps now."""
+    from pdx.agent.shm_reaper import _mapped_shm, _tree_pids
+
+    pid = int(engine.engine_status()["pid"])
+    return {n for p in _tree_pids(pid) for n in _mapped_shm(p, Path("/dev/shm")) if n.startswith("psm_")}
+
+
+def _wait(cond: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"waited {timeout_s:.0f}s for {what}"
+        time.sleep(0.5)
+
+
+def test_decode_engine_killed_every_later_request_succeeds(deployment: Deployment,
+                                                           clients: tuple[Any, Any]) -> None:
+    """Must run last in this module: it kills the decode engine (its agent restarts it)."""
+    pdx, plain = clients
+    decode = deployment.workers["decode-0"]
+    context = paragraph(seed=305, num_words=900)
+    repeat = f"{context}\nQ: who?\nA:"
+    want = _complete(plain, repeat)
+    assert _complete(pdx, repeat) == want  # the decode agent's pool now holds the prompt
+    segments = _engine_psm(decode)
+    old_pid = int(decode.engine_status()["pid"])
+    os.kill(old_pid, signal.SIGKILL)
+
+    prompts = [paragraph(seed=400 + i, num_words=60 + 20 * (i % 5)) for i in range(30)]
+    got, statuses = [], []
+    for i, prompt in enumerate(prompts):  # one at a time: none is in flight at the kill
+        try:
+            got.append(_stream(pdx, prompt) if i % 3 == 2 else _complete(pdx, prompt)[0])
+            statuses.append(200)
+        except openai.APIError as exc:
+            statuses.append(getattr(exc, "status_code", None) or -1)
+    assert statuses == [200] * len(prompts), statuses
+    for prompt, text in list(zip(prompts, got, strict=True))[::5]:
+        assert text == _complete(plain, prompt)[0]
+    proxy = Metrics.fetch(f"{deployment.url}/metrics")
+    assert proxy.value("pdx_proxy_degraded_total", missing="decode") >= 1
+
+    # the agent restarts the engine and removes the shared memory the killed one left
+    _wait(lambda: decode.engine_status().get("state") == "running"
+          and int(decode.engine_status().get("pid", 0)) not in (0, old_pid), 180, "engine restarted")
+    import httpx
+
+    def routable() -> bool:
+        doc = httpx.get(f"{deployment.url}/admin/workers", timeout=5).json()
+        return any(w["id"] == "decode-0" and w["state"] == "healthy" for w in doc["workers"])
+
+    _wait(routable, 240, "the restarted decode worker back in the proxy's pool")
+    # its vLLM prefix cache is empty, its agent's pool survived: the repeat comes from pdx
+    local0, pdx0 = _hits(deployment, LOCAL_HITS)["decode-0"], _hits(deployment)["decode-0"]
+    assert _complete(pdx, repeat) == want
+    local1, pdx1 = _hits(deployment, LOCAL_HITS)["decode-0"], _hits(deployment)["decode-0"]
+    assert pdx1 - pdx0 >= 5 * CHUNK_TOKENS and local1 == local0, (local0, local1, pdx0, pdx1)
+    # once more: now vLLM's own prefix cache (the first tier) holds it, pdx loads nothing
+    assert _complete(pdx, repeat) == want
+    local2, pdx2 = _hits(deployment, LOCAL_HITS)["decode-0"], _hits(deployment)["decode-0"]
+    assert local2 - local1 >= 5 * CHUNK_TOKENS and pdx2 == pdx1, (local1, local2, pdx1, pdx2)
+    # the killed engine's shared memory (vLLM's psm_* queues) was removed by its agent
+    assert segments and not any(Path("/dev/shm", n).exists() for n in segments), segments

@@ -220,9 +220,14 @@ def test_health_is_503_until_a_decode_worker_answered() -> None:
     s.bind(("127.0.0.1", 0))
     dead = f"http://127.0.0.1:{s.getsockname()[1]}"
     s.close()
-    with Cluster(1, 0, extra_workers=[ProxyWorkerConfig(url=dead, role="decode", id="dead")]) as c:
+    dead_decode = [ProxyWorkerConfig(url=dead, role="decode", id="dead")]
+    with Cluster(1, 0, extra_workers=dead_decode, decode_fallback=False) as c:
         h = httpx.get(c.url + "/health")
         assert h.status_code == 503 and h.json()["workers"] == {"prefill": 1, "decode": 0}
+    # a prefill worker can serve whole: the proxy is up, degraded
+    with Cluster(1, 0, extra_workers=dead_decode) as c:
+        h = httpx.get(c.url + "/health")
+        assert h.status_code == 200 and h.json()["status"] == "degraded"
 
 
 def test_health_and_metrics(cluster: Cluster) -> None:
@@ -253,7 +258,7 @@ def _extra_standin(c: Cluster, name: str) -> StandinWorker:
 
 
 def test_agent_registration_adds_a_worker_that_gets_requests() -> None:
-    with Cluster(1, 0) as c:
+    with Cluster(1, 0, decode_fallback=False) as c:
         assert httpx.get(c.url + "/health").status_code == 503
         d = _extra_standin(c, "dyn")
         try:
@@ -276,7 +281,7 @@ def test_agent_registration_adds_a_worker_that_gets_requests() -> None:
 
 
 def test_missed_heartbeats_take_the_worker_out_until_the_next() -> None:
-    with Cluster(1, 0, heartbeat_timeout_s=0.3) as c:
+    with Cluster(1, 0, heartbeat_timeout_s=0.3, decode_fallback=False) as c:
         d = _extra_standin(c, "dyn")
         try:
             ann = _announce(d.url, heartbeat_s=0.05)

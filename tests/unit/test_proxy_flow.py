@@ -203,7 +203,7 @@ def test_decode_dropping_the_connection_retries() -> None:
 
 
 def test_decode_failing_everywhere_is_502() -> None:
-    with Cluster(1, 2) as c:
+    with Cluster(1, 2, decode_fallback=False) as c:
         for w in c.decode:
             w.behaviour.fail_status = 500
         r = _post(c, _completion())
@@ -213,7 +213,7 @@ def test_decode_failing_everywhere_is_502() -> None:
 
 
 def test_decode_first_token_timeout_is_504() -> None:
-    with Cluster(1, 1, first_token_timeout_s=0.3) as c:
+    with Cluster(1, 1, first_token_timeout_s=0.3, decode_fallback=False) as c:
         c.decode[0].behaviour.hang = True
         r = _post(c, _completion(stream=True))
         assert r.status_code == 504
@@ -275,7 +275,7 @@ def test_client_disconnect_during_prefill_aborts_prefill_and_skips_decode() -> N
 
 
 def test_no_healthy_decode_worker_is_503() -> None:
-    with Cluster(1, 1, unhealthy_after=1) as c:
+    with Cluster(1, 1, unhealthy_after=1, decode_fallback=False) as c:
         c.decode[0].behaviour.health_status = 500
         wait_until(lambda: httpx.get(c.url + "/health").status_code == 503, what="decode out of the pool")
         r = _post(c, _completion())
