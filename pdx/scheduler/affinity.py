@@ -94,6 +94,6 @@ class PrefixAffinity(CacheAware):
         best = min(picks, key=lambda i: (work[i], loads[i]))
         self._account(order, order[best], work[best] - loads[best])
         reason = "cache_hit" if held[best] else ("imbalance" if held[affinity] else "cache_miss")
-        rest = sorted((i for i in range(len(order)) if i != best), key=lambda i: (work[i], loads[i]))
+        others = sorted((i for i in range(len(order)) if i != best), key=lambda i: (work[i], loads[i]))
         total = len(req.keys(order[best].key_space))
-        return pair([order[best], *(order[i] for i in rest)], decode_order, reason, held[best], total)
+        return pair([order[best], *(order[i] for i in others)], decode_order, reason, held[best], total)
