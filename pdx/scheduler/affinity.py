@@ -84,7 +84,8 @@ class PrefixAffinity(CacheAware):
                 for w, load, h in zip(order, loads, held)]
         recent = [self._recent.get(w.id, 0.0) for w in order]
         bound_now = self.bound_factor * (sum(loads) + req.prompt_tokens) / n
-        bound_recent = self.bound_factor * sum(recent) / n
+        # one request above the share is always allowed, so a quiet fleet keeps its affinity
+        bound_recent = self.bound_factor * sum(recent) / n + req.prompt_tokens
         within = [i for i in range(n) if loads[i] <= bound_now and recent[i] <= bound_recent] \
             or [min(range(n), key=lambda i: (loads[i], recent[i]))]
         affinity = max(within, key=lambda i: (held[i], -loads[i]))
@@ -93,7 +94,7 @@ class PrefixAffinity(CacheAware):
             picks.update(self._rng.sample(within, min(2, len(within))))
         best = min(picks, key=lambda i: (work[i], loads[i]))
         self._account(order, order[best], work[best] - loads[best])
-        reason = "cache_hit" if held[best] else ("imbalance" if held[affinity] else "cache_miss")
+        reason = "cache_hit" if held[best] else ("imbalance" if max(held) else "cache_miss")
         others = sorted((i for i in range(len(order)) if i != best), key=lambda i: (work[i], loads[i]))
         total = len(req.keys(order[best].key_space))
         return pair([order[best], *(order[i] for i in others)], decode_order, reason, held[best], total)
