@@ -97,8 +97,8 @@ class RunResult:
         return sum(s.prompt_tokens for s in self.sent)
 
     def hit_ratio(self) -> float | None:
-        if not self.workers:
-            return None
+        if not any("prompt" in w for w in self.workers.values()):
+            return None  # no worker's metrics could be read
         computed = sum(w["computed"] for w in self.workers.values())
         total = self.prompt_tokens
         return max(0.0, 1.0 - computed / total) if total else None
