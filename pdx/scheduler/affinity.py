@@ -34,8 +34,12 @@ from pdx.scheduler.registry import Side, Worker
 
 #: a worker over this many times the mean outstanding tokens is out of the running
 BOUND_FACTOR = 1.25
+#: how far (in prompts) a worker's recent work may exceed the bound
+RECENT_SLACK = 0.5
 #: the recent-work window, in requests per worker
 WINDOW_PER_WORKER = 8
+#: requests remembered between routing and the prefill's answer
+MAX_TRACKED = 65536
 
 
 class PrefixAffinity(CacheAware):
@@ -48,6 +52,15 @@ class PrefixAffinity(CacheAware):
         self._rng = random.Random(seed)
         self.bound_factor = bound_factor
         self._recent: dict[str, float] = {}  # worker id -> prompt tokens it computed lately (decayed)
+        self._pending: dict[str, int] = {}  # worker id -> tokens its routed, unanswered requests compute
+        self._routed: dict[str, tuple[str, int]] = {}  # request id -> (prefill worker id, tokens)
+
+    def observe(self, req: RouteRequest, worker: Worker) -> None:
+        super().observe(req, worker)
+        got = self._routed.get(req.request_id)
+        if got is not None and got[0] == worker.id:  # its prefill answered
+            del self._routed[req.request_id]
+            self._pending[worker.id] = max(0, self._pending.get(worker.id, 0) - got[1])
 
     def _account(self, workers: Sequence[Worker], chosen: Worker, computed: int) -> None:
         """Decay every worker's recent work by one step of a window of ``WINDOW_PER_WORKER`` x
@@ -80,12 +93,15 @@ class PrefixAffinity(CacheAware):
         n = len(order)
         loads = [w.load_tokens for w in order]
         held = [w.held_prefix(req.keys(w.key_space)) for w in order]
-        work = [load + req.prompt_tokens - h * w.key_space.chunk_tokens
-                for w, load, h in zip(order, loads, held)]
+        # queued work is what those requests will compute, not their whole prompts: a worker whose
+        # queue holds cached requests is not as busy as its outstanding tokens say
+        pending = [min(self._pending.get(w.id, 0), w.load_tokens) if w.load_requests else 0 for w in order]
+        work = [queued + req.prompt_tokens - h * w.key_space.chunk_tokens
+                for w, queued, h in zip(order, pending, held)]
         recent = [self._recent.get(w.id, 0.0) for w in order]
         bound_now = self.bound_factor * (sum(loads) + req.prompt_tokens) / n
         # one request above the share is always allowed, so a quiet fleet keeps its affinity
-        bound_recent = self.bound_factor * sum(recent) / n + req.prompt_tokens
+        bound_recent = self.bound_factor * sum(recent) / n + RECENT_SLACK * req.prompt_tokens
         within = [i for i in range(n) if loads[i] <= bound_now and recent[i] <= bound_recent] \
             or [min(range(n), key=lambda i: (loads[i], recent[i]))]
         affinity = max(within, key=lambda i: (held[i], -loads[i]))
@@ -93,7 +109,12 @@ class PrefixAffinity(CacheAware):
         if len(within) > 1:
             picks.update(self._rng.sample(within, min(2, len(within))))
         best = min(picks, key=lambda i: (work[i], loads[i]))
-        self._account(order, order[best], work[best] - loads[best])
+        computed = max(0, work[best] - pending[best])
+        self._account(order, order[best], computed)
+        self._pending[order[best].id] = pending[best] + computed
+        self._routed[req.request_id] = (order[best].id, computed)
+        while len(self._routed) > MAX_TRACKED:  # answers that never came (failures): forget the oldest
+            self._routed.pop(next(iter(self._routed)))
         reason = "cache_hit" if held[best] else ("imbalance" if max(held) else "cache_miss")
         others = sorted((i for i in range(len(order)) if i != best), key=lambda i: (work[i], loads[i]))
         total = len(req.keys(order[best].key_space))
