@@ -102,6 +102,10 @@ class PrefixAffinity(CacheAware):
         bound_now = self.bound_factor * (sum(loads) + req.prompt_tokens) / n
         # one request above the share is always allowed, so a quiet fleet keeps its affinity
         bound_recent = self.bound_factor * sum(recent) / n + RECENT_SLACK * req.prompt_tokens
+        # the recent-work bound applies once the window holds more than a prompt per worker: a quiet
+        # fleet keeps its affinity (a repeat goes back to the worker that computed it)
+        if sum(recent) < n * req.prompt_tokens:
+            bound_recent = float("inf")
         within = [i for i in range(n) if loads[i] <= bound_now and recent[i] <= bound_recent] \
             or [min(range(n), key=lambda i: (loads[i], recent[i]))]
         affinity = max(within, key=lambda i: (held[i], -loads[i]))
