@@ -52,6 +52,7 @@ class PrefixAffinity(CacheAware):
         self._rng = random.Random(seed)
         self.bound_factor = bound_factor
         self._recent: dict[str, float] = {}  # worker id -> prompt tokens it computed lately (decayed)
+        self._avg_prompt = 0.0  # moving mean of prompt tokens (the recent-work bound's scale)
         self._pending: dict[str, int] = {}  # worker id -> tokens its routed, unanswered requests compute
         self._routed: dict[str, tuple[str, int]] = {}  # request id -> (prefill worker id, tokens)
 
@@ -102,9 +103,10 @@ class PrefixAffinity(CacheAware):
         bound_now = self.bound_factor * (sum(loads) + req.prompt_tokens) / n
         # one request above the share is always allowed, so a quiet fleet keeps its affinity
         bound_recent = self.bound_factor * sum(recent) / n + RECENT_SLACK * req.prompt_tokens
-        # the recent-work bound applies once the window holds more than a prompt per worker: a quiet
+        # the recent-work bound applies once the window holds a mean prompt per worker: a quiet
         # fleet keeps its affinity (a repeat goes back to the worker that computed it)
-        if sum(recent) < n * req.prompt_tokens:
+        self._avg_prompt += (req.prompt_tokens - self._avg_prompt) / (64 if self._avg_prompt else 1)
+        if sum(recent) < n * self._avg_prompt:
             bound_recent = float("inf")
         within = [i for i in range(n) if loads[i] <= bound_now and recent[i] <= bound_recent] \
             or [min(range(n), key=lambda i: (loads[i], recent[i]))]
