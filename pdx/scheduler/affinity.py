@@ -35,7 +35,7 @@ from pdx.scheduler.registry import Side, Worker
 #: a worker over this many times the mean outstanding tokens is out of the running
 BOUND_FACTOR = 1.25
 #: how far (in prompts) a worker's recent work may exceed the bound
-RECENT_SLACK = 0.5
+RECENT_SLACK = 0.25
 #: the recent-work window, in requests per worker
 WINDOW_PER_WORKER = 8
 #: requests remembered between routing and the prefill's answer
@@ -52,7 +52,7 @@ class PrefixAffinity(CacheAware):
         self._rng = random.Random(seed)
         self.bound_factor = bound_factor
         self._recent: dict[str, float] = {}  # worker id -> prompt tokens it computed lately (decayed)
-        self._avg_prompt = 0.0  # moving mean of prompt tokens (the recent-work bound's scale)
+        self._seen = 0  # requests routed (the recent-work bound waits for half a window)
         self._pending: dict[str, int] = {}  # worker id -> tokens its routed, unanswered requests compute
         self._routed: dict[str, tuple[str, int]] = {}  # request id -> (prefill worker id, tokens)
 
@@ -103,12 +103,13 @@ class PrefixAffinity(CacheAware):
         bound_now = self.bound_factor * (sum(loads) + req.prompt_tokens) / n
         # one request above the share is always allowed, so a quiet fleet keeps its affinity
         bound_recent = self.bound_factor * sum(recent) / n + RECENT_SLACK * req.prompt_tokens
-        # the recent-work bound applies once the window holds a mean prompt per worker: a quiet
-        # fleet keeps its affinity (a repeat goes back to the worker that computed it)
-        self._avg_prompt += (req.prompt_tokens - self._avg_prompt) / (64 if self._avg_prompt else 1)
-        if sum(recent) < n * self._avg_prompt:
+        # the recent-work bound waits for half a window of requests (a fresh fleet keeps its
+        # affinity), and never keeps a request from a worker it adds no prefill work to
+        self._seen += 1
+        if self._seen < WINDOW_PER_WORKER * n // 2:
             bound_recent = float("inf")
-        within = [i for i in range(n) if loads[i] <= bound_now and recent[i] <= bound_recent] \
+        within = [i for i in range(n) if loads[i] <= bound_now
+                  and (recent[i] <= bound_recent or work[i] == pending[i])] \
             or [min(range(n), key=lambda i: (loads[i], recent[i]))]
         affinity = max(within, key=lambda i: (held[i], -loads[i]))
         picks = {affinity}
