@@ -17,6 +17,7 @@ WORKLOADS = {
     "agent": "control-plane round trip and agent-to-agent fetch against bare ZMQ and transports",
     "e2e": "TTFT with cached vs recomputed KV, and P/D overhead, on real vLLM",
     "proxy": "time to first byte added by pdx-proxy, and its max request rate",
+    "replay": "a trace sent to a running deployment at its arrival times: TTFT and hit ratio vs oracle",
 }
 
 

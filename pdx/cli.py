@@ -212,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else argv)[:1] == ["sim"]:  # pdx sim: its own parser
+        from pdx.sim.cli import main as sim_main
+
+        return sim_main((sys.argv[1:] if argv is None else argv)[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if getattr(args, "help_config", False):

@@ -389,7 +389,8 @@ class ProxyConfig:
     admin_host: str = doc_field("127.0.0.1", "address of the admin listener when admin_port is set")
     models: list[str] = doc_field(
         [], "model names served; empty = learned from the workers' /v1/models")
-    policy: str = doc_field("least_loaded", "routing policy: round_robin, least_loaded or cache_aware")
+    policy: str = doc_field("prefix_affinity", "routing policy: round_robin, least_loaded, cache_aware or "
+                            "prefix_affinity (the default: see docs/proxy.md, 'Choosing the default')")
     workers: list[ProxyWorkerConfig] = doc_field([], "static workers (more can register at runtime)")
     api_key: str = doc_field("", "clients must send 'Authorization: Bearer <key>'; empty = no check")
     admin_key: str = doc_field(

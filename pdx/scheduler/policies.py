@@ -147,6 +147,7 @@ POLICIES: Registry[type[RoutingPolicy]] = Registry("routing policy")
 POLICIES.add("round_robin", "pdx.scheduler.policies:RoundRobin")
 POLICIES.add("least_loaded", "pdx.scheduler.policies:LeastLoaded")
 POLICIES.add("cache_aware", "pdx.scheduler.cache_aware:CacheAware")
+POLICIES.add("prefix_affinity", "pdx.scheduler.affinity:PrefixAffinity")
 
 
 def make_policy(name: str, settings: CacheAwareConfig | None = None) -> RoutingPolicy:

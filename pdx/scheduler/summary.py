@@ -27,6 +27,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from pdx.errors import WireError
 
 #: largest filter accepted from the wire (16 Mi bits: ~1.4 M keys at 1 %).
@@ -77,19 +79,44 @@ class KeySummary:
     def build(cls, keys: Sequence[bytes], fp_rate: float = 0.01) -> KeySummary:
         """A filter holding ``keys`` (the agent calls this for each announcement)."""
         num_bytes, num_hashes = cls.sizing(len(keys), fp_rate)
-        buf = bytearray(num_bytes)
         num_bits = num_bytes * 8
-        for key in keys:
-            for p in _positions(key, num_hashes, num_bits):
-                buf[p >> 3] |= 1 << (p & 7)
-        return cls(bytes(buf), num_hashes, len(keys))
+        if len(keys) < 64:
+            buf = bytearray(num_bytes)
+            for key in keys:
+                for p in _positions(key, num_hashes, num_bits):
+                    buf[p >> 3] |= 1 << (p & 7)
+            return cls(bytes(buf), num_hashes, len(keys))
+        # The same positions computed with numpy (uint64 arithmetic wraps as the & _MASK64 above):
+        # an agent with a million keys, or the simulator's thousands of announcements, builds in
+        # milliseconds instead of seconds.
+        bits = np.zeros(num_bits, dtype=np.bool_)
+        steps = np.arange(num_hashes, dtype=np.uint64)
+        for start in range(0, len(keys), 1 << 16):
+            part = keys[start:start + (1 << 16)]
+            raw = b"".join(part)
+            if len(raw) != 16 * len(part):  # not all keys are 16 bytes: cut or pad each
+                raw = b"".join(bytes(k[:16]).ljust(16, b"\0") for k in part)
+            words = np.frombuffer(raw, dtype="<u8").reshape(-1, 2)
+            h1 = words[:, 0:1]
+            h2 = words[:, 1:2] | np.uint64(1)
+            bits[((h1 + steps * h2) % np.uint64(num_bits)).ravel()] = True
+        return cls(np.packbits(bits, bitorder="little").tobytes(), num_hashes, len(keys))
 
     def __contains__(self, key: object) -> bool:
         if not isinstance(key, (bytes, bytearray)) or not self.bits:
             return False
         bits = self.bits
-        return all(bits[p >> 3] >> (p & 7) & 1 for p in _positions(bytes(key), self.num_hashes,
-                                                                     self.num_bits))
+        key = bytes(key)
+        if len(key) < 16:
+            key = key.ljust(16, b"\0")
+        h1 = int.from_bytes(key[:8], "little")
+        h2 = int.from_bytes(key[8:16], "little") | 1
+        num_bits = len(bits) * 8
+        for i in range(self.num_hashes):  # _positions, inlined: this runs per chunk per worker per request
+            p = ((h1 + i * h2) & _MASK64) % num_bits
+            if not bits[p >> 3] >> (p & 7) & 1:
+                return False
+        return True
 
     def prefix_len(self, keys: Sequence[bytes]) -> int:
         """How many of ``keys``, from the first, the filter holds (stops at the first miss)."""

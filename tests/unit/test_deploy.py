@@ -24,7 +24,7 @@ def _cfg(**raw: Any) -> DeployConfig:
 def test_the_shipped_config_loads() -> None:
     cfg = load_config(DeployConfig, DEFAULT_CONFIG, env={})
     assert [w.role for w in cfg.workers] == ["prefill", "decode"]
-    assert cfg.proxy.policy == "cache_aware" and cfg.chunk_tokens % 128 == 0
+    assert cfg.proxy.policy == "prefix_affinity" and cfg.chunk_tokens % 128 == 0
 
 
 @pytest.mark.parametrize(("raw", "message"), [

@@ -240,7 +240,7 @@ def test_health_and_metrics(cluster: Cluster) -> None:
     assert 'pdx_proxy_requests_total{endpoint="completions",status="404"} 1.0' in text
     assert "pdx_proxy_first_byte_seconds_bucket" in text
     assert 'pdx_proxy_worker_up{role="decode",state="healthy",worker="d0"} 1.0' in text
-    assert 'pdx_proxy_routes_total{reason="least_loaded"} 1.0' in text
+    assert 'pdx_proxy_routes_total{reason="cache_miss"} 1.0' in text  # prefix_affinity, nothing cached
 
 
 # --- admin: agent announcements ------------------------------------------------------------------

@@ -33,7 +33,7 @@ def test_help_lists_commands_and_config(capsys: pytest.CaptureFixture[str]) -> N
 def test_config_lists_every_key(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config"]) == 0
     out = capsys.readouterr().out
-    for key in ("host = '127.0.0.1'", "policy = 'least_loaded'", "max_body_size = '4.0MiB'",
+    for key in ("host = '127.0.0.1'", "policy = 'prefix_affinity'", "max_body_size = '4.0MiB'",
                 "cache_aware.max_imbalance = 8", "workers = []", "heartbeat_timeout_s = 5.0"):
         assert key in out
 
@@ -47,7 +47,7 @@ def test_bad_config_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["serve", "--config", str(bad)]) == 2
     assert "unknown key 'polcy'" in capsys.readouterr().err
     assert main(["serve", "--policy", "fastest", "--port", "0"]) == 2
-    assert "known: cache_aware, least_loaded, round_robin" in capsys.readouterr().err
+    assert "known: cache_aware, least_loaded, prefix_affinity, round_robin" in capsys.readouterr().err
 
 
 @pytest.fixture

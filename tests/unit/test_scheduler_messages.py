@@ -159,3 +159,18 @@ def test_summary_sizing() -> None:
     with pytest.raises(ValueError):
         KeySummary.sizing(10, 1.5)
     assert "x" not in KeySummary.build(_keys(3))
+
+
+def test_summary_vectorized_build_sets_the_documented_bits() -> None:
+    """Large key sets are built with numpy; the bits must follow the scalar rule exactly."""
+    from pdx.scheduler.summary import _positions
+
+    keys = [os.urandom(16) for _ in range(3000)] + [os.urandom(20), b"short"]
+    for subset in (keys, keys[:64], keys[:63]):
+        s = KeySummary.build(subset)
+        want = bytearray(len(s.bits))
+        for k in subset:
+            for p in _positions(k, s.num_hashes, len(want) * 8):
+                want[p >> 3] |= 1 << (p & 7)
+        assert s.bits == bytes(want)
+        assert all(k in s for k in subset)

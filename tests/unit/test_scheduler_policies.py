@@ -38,7 +38,7 @@ def _req(text: str = "", tokens: list[int] | None = None) -> RouteRequest:
 
 
 def test_registry_names() -> None:
-    assert POLICIES.names() == ["cache_aware", "least_loaded", "round_robin"]
+    assert POLICIES.names() == ["cache_aware", "least_loaded", "prefix_affinity", "round_robin"]
     with pytest.raises(UnknownName, match="cache_aware"):
         make_policy("random")
 
