@@ -17,6 +17,7 @@ WORKLOADS = {
     "agent": "control-plane round trip and agent-to-agent fetch against bare ZMQ and transports",
     "e2e": "TTFT with cached vs recomputed KV, and P/D overhead, on real vLLM",
     "proxy": "time to first byte added by pdx-proxy, and its max request rate",
+    "blend": "CacheBlend fidelity (KV error, KL, top-1, divergence) and TTFT against a full prefill",
 }
 
 
