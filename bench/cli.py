@@ -18,6 +18,7 @@ WORKLOADS = {
     "e2e": "TTFT with cached vs recomputed KV, and P/D overhead, on real vLLM",
     "proxy": "time to first byte added by pdx-proxy, and its max request rate",
     "replay": "a trace sent to a running deployment at its arrival times: TTFT and hit ratio vs oracle",
+    "blend": "CacheBlend fidelity (KV error, KL, top-1, divergence) and TTFT against a full prefill",
 }
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from pdx.errors import ModelError
 
 #: Bump when the bytes produced for an unchanged spec change (new init scheme, new corpus...).
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 
 #: Head sizes the vLLM CPU attention backend accepts.
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
@@ -44,11 +44,9 @@ class ModelSpec:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     seed: int = 0
-    #: Standard deviation of the random projections, in units of 1/sqrt(fan_in).
-    init_gain: float = 1.0
-    #: Extra gain on the query/key projections: sharper attention, so that the output
-    #: depends on specific earlier tokens (a wrong KV block changes the output).
-    qk_gain: float = 2.0
+    #: Standard deviation of every embedding and projection (``initializer_range`` of
+    #: transformers' Llama): the statistics of a freshly initialised real model.
+    init_std: float = 0.02
     #: Sentences of generated text the tokenizer is trained on.
     corpus_sentences: int = 20000
 
@@ -56,7 +54,8 @@ class ModelSpec:
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
             raise ModelError(f"model name {self.name!r}: use letters, digits, '-' and '_'")
         for f in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
-                  "intermediate_size", "vocab_size", "max_position_embeddings", "corpus_sentences"):
+                  "intermediate_size", "vocab_size", "max_position_embeddings", "corpus_sentences",
+                  "init_std"):
             if getattr(self, f) <= 0:
                 raise ModelError(f"model spec {self.name!r}: {f} must be positive")
         if self.num_heads % self.num_kv_heads:

@@ -7,10 +7,10 @@ Every tensor is drawn from numpy's PCG64 generator seeded with ``(spec.seed, crc
 so the bytes depend only on the spec and the tensor's name, not on torch's RNG, the
 order of parameters or the library versions. The scheme keeps greedy output lively:
 
-* projections are ``N(0, gain / sqrt(fan_in))``, so each sub-layer's output is O(1) next
-  to the O(1) embedding in the residual stream;
-* query and key projections get an extra ``qk_gain``, which makes attention sharp, so the
-  output depends on particular earlier tokens: a wrong or missing KV block changes it;
+* embeddings and projections are ``N(0, spec.init_std)`` (0.02, transformers' Llama init),
+  norms are ones: the statistics of a real model at initialisation, which is what the
+  CacheBlend fidelity figures are measured on (build version 2; version 1 used
+  ``1/sqrt(fan_in)`` projections with sharpened query/key, a regime no real model is in);
 * the ``lm_head`` rows of the special tokens are zero, so greedy decoding (almost) never
   stops early on EOS and ``max_tokens`` tokens come back.
 """
@@ -67,14 +67,8 @@ def _tensor(spec: ModelSpec, name: str, shape: tuple[int, ...], special: list[in
     if name.endswith("norm.weight"):
         return np.ones(shape, dtype=np.float32)
     rng = np.random.Generator(np.random.PCG64([spec.seed, zlib.crc32(name.encode())]))
-    if name.endswith("embed_tokens.weight"):
-        std = 1.0
-    else:
-        std = spec.init_gain / float(np.sqrt(shape[-1]))
-        if name.endswith(("q_proj.weight", "k_proj.weight")):
-            std *= spec.qk_gain
     out = rng.standard_normal(shape, dtype=np.float32)
-    out *= np.float32(std)
+    out *= np.float32(spec.init_std)
     if name == "lm_head.weight":
         out[special, :] = 0.0
     return out
