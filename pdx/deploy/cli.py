@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from pdx.config import describe, load_config
-from pdx.deploy import DeployConfig, Deployment, WorkerSpec, stop_running
+from pdx.deploy.deployment import DeployConfig, Deployment, WorkerSpec, stop_running
 from pdx.errors import PdxError
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "local-1p1d.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "local-1p1d.yaml"
 
 #: words of generated text in the demo's long context (~1,700 tokens with the embedded tokenizer)
 DEMO_CONTEXT_WORDS = 1200
@@ -50,7 +50,7 @@ def _load(args: argparse.Namespace) -> tuple[DeployConfig, str]:
 
 def _worker_counts(dep: Deployment) -> dict[str, tuple[float, float]]:
     """Per worker: (prompt tokens seen, prompt tokens that pdx loaded instead of computing)."""
-    from pdx.engine.agent_engine import Metrics
+    from pdx.deploy.agent_engine import Metrics
 
     out = {}
     for name, w in dep.workers.items():

@@ -85,7 +85,7 @@ class Deployment:
         self.name = name
         self.progress = progress
         self.workdir = Path(cfg.workdir) if cfg.workdir else data_dir() / "deploy" / name
-        self.workers: dict[str, Any] = {}  # name -> pdx.engine.agent_engine.AgentEngine
+        self.workers: dict[str, Any] = {}  # name -> pdx.deploy.agent_engine.AgentEngine
         self.proxy_proc: subprocess.Popen[bytes] | None = None
         self.url = ""
         self.model_path = ""
@@ -177,7 +177,7 @@ class Deployment:
         raise PdxError(f"pdx-proxy did not start; see {self.workdir / 'proxy.log'}:\n{_tail(self.workdir / 'proxy.log')}")
 
     def _start_workers(self, deadline: float) -> None:
-        from pdx.engine.agent_engine import AgentEngine
+        from pdx.deploy.agent_engine import AgentEngine
 
         # ipc:// socket paths must stay short: agents' run folders live under a short temp dir.
         run_root = self.run_root = Path(tempfile.mkdtemp(prefix=f"pdx-{self.name}-"))

@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 
-from pdx.engine.agent_engine import AgentEngine
+from pdx.deploy.agent_engine import AgentEngine
 from pdx.engine.vllm import free_port
 from pdx.model import BuiltModel
 

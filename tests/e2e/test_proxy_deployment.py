@@ -16,7 +16,7 @@ import pytest
 
 from pdx.config import from_dict
 from pdx.deploy import DeployConfig, Deployment
-from pdx.engine.agent_engine import Metrics
+from pdx.deploy.agent_engine import Metrics
 from pdx.engine.vllm import VllmServer
 from pdx.model import BuiltModel
 from pdx.model.text import paragraph

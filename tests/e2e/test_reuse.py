@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from conftest_connector import CHUNK_TOKENS, MAX_TOKENS, PdxStack
 
-from pdx.engine.agent_engine import AgentEngine, Metrics
+from pdx.deploy.agent_engine import AgentEngine, Metrics
 
 pytestmark = pytest.mark.e2e
 

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from pdx.cli import DEFAULT_CONFIG, main
 from pdx.config import load_config
-from pdx.deploy import STATE_FILE, DeployConfig, Deployment, read_state, stop_running
+from pdx.deploy.cli import DEFAULT_CONFIG, main
+from pdx.deploy.deployment import STATE_FILE, DeployConfig, Deployment, read_state, stop_running
 from pdx.errors import ConfigError, PdxError
 
 WORKERS = [{"name": "p", "role": "prefill"}, {"name": "d", "role": "decode"}]
