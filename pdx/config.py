@@ -141,6 +141,8 @@ class TransportConfig:
     host: str = doc_field("127.0.0.1", "address peers connect to; loopback unless configured")
     port: int = doc_field(0, "port of the handshake listener; 0 = any free port")
     secret: str = doc_field("", "shared secret for the peer challenge; empty = no challenge")
+    secret_file: str = doc_field(
+        "", "path to a file holding the deployment secret; group/other-readable files are refused")
     connect_timeout_s: float = doc_field(5.0, "limit on connecting and the handshake")
     transfer_timeout_s: float = doc_field(30.0, "default deadline of one batch")
     heartbeat_s: float = doc_field(1.0, "peer liveness probe interval")

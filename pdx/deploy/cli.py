@@ -127,11 +127,12 @@ def run_demo(dep: Deployment) -> list[dict[str, Any]]:
 def _print_endpoint(dep: Deployment) -> None:
     _say(f"ready: OpenAI endpoint {dep.url}/v1 serving model '{dep.served_model_name}'")
     _say("try:")
-    auth = " -H 'Authorization: Bearer <proxy.api_key>'" if dep.api_headers else ""
+    key_file = dep.creds.api_key_file if dep.creds else None
+    auth = f" -H \"Authorization: Bearer $(cat {key_file})\"" if key_file else ""
     print(f"  curl -s {dep.url}/v1/completions -H 'Content-Type: application/json'{auth} \\\n"
           f"       -d '{{\"model\": \"{dep.served_model_name}\", \"prompt\": \"Once upon a time\", "
           f"\"max_tokens\": 16, \"temperature\": 0}}'", flush=True)
-    _say(f"metrics: {dep.url}/metrics   workers: {dep.url}/admin/workers")
+    _say(f"metrics: {dep.url}/metrics   workers: {dep.url}/admin/workers (admin key in {dep.workdir / 'proxy.yaml'})")
     _say(f"logs: {dep.run_root} while running (agents, engines), {dep.workdir} (proxy; the rest on stop)")
 
 
