@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pdx.config import ENV_PREFIX, ProxyConfig, data_dir, doc_field
+from pdx.config import ENV_PREFIX, ProxyConfig, StoreConfig, TransportConfig, data_dir, doc_field, from_dict
 from pdx.deploy import credentials
 from pdx.errors import ConfigError, PdxError
 
@@ -80,6 +80,17 @@ class DeployConfig:
         if "" in names or len(set(names)) != len(names):
             raise ConfigError(f"workers[].name: every worker needs a unique name, got {names}")
         self.proxy.validate()
+        for i, w in enumerate(self.workers):  # the agents' sections, checked now rather than at their start
+            _check_section(StoreConfig, {"chunk_tokens": self.chunk_tokens, **w.store}, f"workers[{i}].store")
+            _check_section(TransportConfig, w.transport, f"workers[{i}].transport")
+
+
+def _check_section(cls: type, raw: dict[str, Any], key: str) -> None:
+    """Raise ``ConfigError`` naming ``key`` (the caller adds the file) when ``raw`` is no valid ``cls``."""
+    try:
+        from_dict(cls, raw, "\0", f"{key}.")
+    except ConfigError as exc:
+        raise ConfigError(str(exc).removeprefix("\0: ")) from None
 
 
 class Deployment:
