@@ -453,6 +453,27 @@ class CacheAwareConfig:
         65536, "chunk keys the proxy remembers per worker from its own routing; 0 = none")
 
 
+#: the prefix of every cache_salt the proxy sets for a tenant; clients may not send one
+TENANT_SALT_PREFIX = "tenant:"
+_SALT_FORBIDDEN = ("@", "/", "\\", "\0")  # vLLM refuses these in a cache_salt
+
+
+@dataclass(frozen=True)
+class TenantConfig:
+    """A client of the proxy with its own API key and its own KV (docs/security.md, Tenants)."""
+
+    name: str = doc_field("", "the tenant's name (logs); also its salt when cache_salt is empty")
+    api_key: str = doc_field("", "the tenant's bearer key for the OpenAI endpoints")
+    cache_salt: str = doc_field(
+        "", "mixed into the chunk keys of every request of this tenant (sent to vLLM as "
+        "cache_salt 'tenant:<salt>'); keep it secret; empty = the name")
+
+    @property
+    def salt(self) -> str:
+        """The ``cache_salt`` workers see for this tenant's requests."""
+        return TENANT_SALT_PREFIX + (self.cache_salt or self.name)
+
+
 @dataclass(frozen=True)
 class ProxyConfig:
     """Everything ``pdx-proxy serve`` needs."""
@@ -470,6 +491,9 @@ class ProxyConfig:
     admin_key: str = doc_field(
         "", "key for the admin endpoints; empty = the api_key (no check when both are empty)")
     upstream_api_key: str = doc_field("", "bearer key sent to the workers; empty = none")
+    tenants: list[TenantConfig] = doc_field(
+        [], "clients with their own key: a request with a tenant's key is served with the tenant's "
+        "cache_salt, so tenants never share KV")
     max_body_size: int = size_field("4MiB", "largest request body accepted (413 above)")
     max_inflight: int = doc_field(256, "requests served at once; more wait in the queue")
     max_queue: int = doc_field(1024, "requests waiting for a slot; more get 429")
@@ -515,6 +539,7 @@ class ProxyConfig:
             raise ConfigError("cache_aware.chunk_tokens: must be positive")
         if self.cache_aware.max_imbalance < 0 or self.cache_aware.hint_keys < 0:
             raise ConfigError("cache_aware.max_imbalance and hint_keys cannot be negative")
+        self._validate_tenants()
         seen: set[str] = set()
         for i, w in enumerate(self.workers):
             for name in ("url", "agent_url"):
@@ -526,6 +551,26 @@ class ProxyConfig:
             if key in seen:
                 raise ConfigError(f"workers[{i}].url: {w.url!r} is listed twice")
             seen.add(key)
+
+    def _validate_tenants(self) -> None:
+        names: set[str] = set()
+        salts: set[str] = set()
+        keys = {k for k in (self.api_key, self.admin_key) if k}
+        for i, tenant in enumerate(self.tenants):
+            if not tenant.name or tenant.name in names:
+                raise ConfigError(f"tenants[{i}].name: every tenant needs a unique name")
+            names.add(tenant.name)
+            if not tenant.api_key or tenant.api_key in keys:
+                raise ConfigError(f"tenants[{i}].api_key: needs a key of its own (not empty, not another "
+                                  "tenant's, not the api_key or admin_key)")
+            keys.add(tenant.api_key)
+            salt = tenant.cache_salt or tenant.name
+            if len(tenant.salt) > 128 or any(c in salt for c in _SALT_FORBIDDEN):
+                raise ConfigError(f"tenants[{i}].cache_salt: at most {128 - len(TENANT_SALT_PREFIX)} "
+                                  "characters, none of '@', '/', '\\' or NUL")
+            if tenant.salt in salts:
+                raise ConfigError(f"tenants[{i}].cache_salt: the same as another tenant's (they would share KV)")
+            salts.add(tenant.salt)
 
 
 # --- loading ---------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ returns; ``await server.stop()`` closes it all. It runs on the caller's event
 loop (``pdx-proxy serve`` uses uvloop); nothing in it is thread-safe.
 
 Client endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``,
-``GET /v1/models`` (API key checked when configured), ``GET /health`` (200 when a
+``GET /v1/models`` (API key checked when configured; a tenant's key also
+identifies the tenant, whose ``cache_salt`` every request then carries: ``proxy/tenants.py``), ``GET /health`` (200 when a
 decode worker is in the pool, else 503), ``GET /metrics`` (Prometheus).
 Admin endpoints (admin key; on their own port when ``admin_port`` is set):
 ``POST /admin/register`` (an agent announcement, JSON or msgpack) and
@@ -50,6 +51,7 @@ from proxy.admission import Admission
 from proxy.flow import Endpoint, PDFlow
 from proxy.health import HealthChecker
 from proxy.metrics import ProxyMetrics
+from proxy.tenants import ClientAuth
 from proxy.upstream import UpstreamPool
 
 log = logging.getLogger("pdx.proxy")
@@ -142,7 +144,7 @@ class ProxyServer:
         self.metrics = ProxyMetrics(self.registry.describe)
         self.metrics.inflight.set_function(lambda: self.admission.inflight)
         self.metrics.queued.set_function(lambda: self.admission.queued)
-        self._api_key = cfg.api_key.encode()
+        self.auth = ClientAuth(cfg)
         self._admin_key = (cfg.admin_key or cfg.api_key).encode()
         self.url = ""
         self.admin_url = ""
@@ -272,11 +274,12 @@ class ProxyServer:
         m = self.metrics
         admitted = False
         try:
-            if not self._key_ok(request, self._api_key):
-                raise Unauthorized("missing or wrong API key (send 'Authorization: Bearer <key>')")
-            raw = await self._read_body(request, self.cfg.max_body_size)
-            body = json_or_400(raw)
+            tenant = self.auth.identify(request.headers)
+            received = await self._read_body(request, self.cfg.max_body_size)
+            body = json_or_400(received)
             validate_body(endpoint, body)
+            # a changed body (the tenant's salt) is serialized again by the flow
+            raw = None if self.auth.apply_salt(body, tenant) else received
             served = self._served_models()
             if served and body["model"] not in served:
                 raise NotFound(f"the model '{body['model']}' does not exist; served: {', '.join(served)}",
@@ -306,8 +309,10 @@ class ProxyServer:
         return resp
 
     async def _models(self, request: web.Request) -> web.Response:
-        if not self._key_ok(request, self._api_key):
-            return error_response(Unauthorized("missing or wrong API key"))
+        try:
+            self.auth.identify(request.headers)
+        except Unauthorized as exc:
+            return error_response(exc)
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "pdx"}
                 for name in self._served_models()]
         return web.json_response({"object": "list", "data": data})

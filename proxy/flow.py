@@ -147,7 +147,8 @@ class PDFlow:
         if token_ids is None and self.policy.needs_tokens and self.tokenizer is not None:
             token_ids = await self._tokenize(endpoint, body, text, rid)
         estimate = len(token_ids) if token_ids is not None else len(text) // 4 + 1
-        return RouteRequest(rid, estimate, max_tokens, token_ids)
+        salt = body.get("cache_salt")
+        return RouteRequest(rid, estimate, max_tokens, token_ids, salt if isinstance(salt, str) else "")
 
     async def _tokenize(self, endpoint: Endpoint, body: dict[str, Any], text: str,
                         rid: str) -> list[int] | None:
