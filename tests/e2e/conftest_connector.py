@@ -58,6 +58,7 @@ PROMPTS: dict[str, tuple[int, int]] = {
     "spill_c": (PROMPT_TOKENS, 108),
     "crash": (PROMPT_TOKENS, 109),
     "reuse_whole_chunks": (12 * CHUNK_TOKENS, 110),
+    "tenants": (PROMPT_TOKENS, 111),
 }
 
 @dataclass(frozen=True)
