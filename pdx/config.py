@@ -495,6 +495,9 @@ class ProxyConfig:
         [], "clients with their own key: a request with a tenant's key is served with the tenant's "
         "cache_salt, so tenants never share KV")
     max_body_size: int = size_field("4MiB", "largest request body accepted (413 above)")
+    max_upstream_body_size: int = size_field(
+        "64MiB", "largest answer read whole from a worker (prefill, non-streamed decode); a bigger one "
+        "fails that worker's call")
     max_inflight: int = doc_field(256, "requests served at once; more wait in the queue")
     max_queue: int = doc_field(1024, "requests waiting for a slot; more get 429")
     queue_timeout_s: float = doc_field(10.0, "a request waiting longer than this gets 503")
@@ -533,8 +536,8 @@ class ProxyConfig:
                      "health_timeout_s", "heartbeat_timeout_s", "shutdown_grace_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be a positive number of seconds")
-        if self.max_body_size <= 0:
-            raise ConfigError("max_body_size: must be positive")
+        if self.max_body_size <= 0 or self.max_upstream_body_size <= 0:
+            raise ConfigError("max_body_size, max_upstream_body_size: must be positive")
         if self.cache_aware.chunk_tokens <= 0:
             raise ConfigError("cache_aware.chunk_tokens: must be positive")
         if self.cache_aware.max_imbalance < 0 or self.cache_aware.hint_keys < 0:

@@ -48,6 +48,7 @@ from pdx.scheduler.registry import Side, WorkerRegistry
 from pdx.scheduler.summary import MAX_SUMMARY_BYTES
 from pdx.scheduler.tokenizer import Tokenizer, load_tokenizer
 from proxy.admission import Admission
+from proxy.checks import MAX_JSON_DEPTH, check_depth, check_generate
 from proxy.flow import Endpoint, PDFlow
 from proxy.health import HealthChecker
 from proxy.metrics import ProxyMetrics
@@ -77,27 +78,18 @@ def json_or_400(raw: bytes) -> Any:
     if not raw:
         raise BadRequest("empty request body; expected a JSON object", code="invalid_json")
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"malformed JSON: {exc}", code="invalid_json") from None
-
-
-def _check_prompt(prompt: Any) -> None:
-    if isinstance(prompt, str):
-        return
-    if isinstance(prompt, list) and prompt:
-        if all(isinstance(p, str) for p in prompt):
-            return
-        if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
-            return
-        if all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt):
-            return
-    raise BadRequest("'prompt' must be a string, a list of strings, a list of token ids or a list of "
-                     "token-id lists", param="prompt", code="invalid_type")
+    except RecursionError:
+        raise BadRequest(f"JSON nested more than {MAX_JSON_DEPTH} levels deep", code="invalid_json") from None
+    check_depth(raw, body)
+    return body
 
 
 def validate_body(endpoint: Endpoint, body: Any) -> None:
-    """Checks the proxy needs before routing; the worker validates everything else."""
+    """Checks the proxy needs before routing (``proxy.checks``: shapes, ranges, limits); the
+    worker validates everything else."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object", code="invalid_json")
     model = body.get("model")
@@ -108,7 +100,6 @@ def validate_body(endpoint: Endpoint, body: Any) -> None:
     if endpoint is Endpoint.COMPLETIONS:
         if "prompt" not in body:
             raise BadRequest("missing required field 'prompt'", param="prompt", code="missing_field")
-        _check_prompt(body["prompt"])
     else:
         messages = body.get("messages")
         if messages is None:
@@ -117,13 +108,10 @@ def validate_body(endpoint: Endpoint, body: Any) -> None:
                 isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
             raise BadRequest("'messages' must be a non-empty list of objects with a 'role'",
                              param="messages", code="invalid_type")
+    check_generate(endpoint is Endpoint.CHAT, body)
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise BadRequest("'stream' must be true or false", param="stream", code="invalid_type")
-    for name in ("max_tokens", "max_completion_tokens"):
-        value = body.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise BadRequest(f"'{name}' must be a positive integer", param=name, code="invalid_value")
 
 
 class ProxyServer:
