@@ -266,7 +266,7 @@ class ProxyServer:
             received = await self._read_body(request, self.cfg.max_body_size)
             body = json_or_400(received)
             validate_body(endpoint, body)
-            # a changed body (the tenant's salt) is serialized again by the flow
+            # a body with a salt (the tenant's, or checked) is serialized again by the flow
             raw = None if self.auth.apply_salt(body, tenant) else received
             served = self._served_models()
             if served and body["model"] not in served:

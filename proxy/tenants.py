@@ -46,20 +46,19 @@ class ClientAuth:
 
     @staticmethod
     def apply_salt(body: dict[str, Any], tenant: TenantConfig | None) -> bool:
-        """Set (tenant) or check (anyone else) ``body["cache_salt"]``; True when ``body`` changed.
-        Raises ``BadRequest`` naming ``cache_salt``."""
+        """Set (tenant) or check (anyone else) ``body["cache_salt"]``. True when the body must be
+        serialized again rather than forwarded as received: whenever it has a salt, since the
+        raw bytes could hold duplicate ``cache_salt`` keys. Raises ``BadRequest`` naming ``cache_salt``."""
         if tenant is not None:
-            if body.get("cache_salt") == tenant.salt:
-                return False
             body["cache_salt"] = tenant.salt
             return True
         salt = body.get("cache_salt")
         if salt is None:
-            return False
+            return "cache_salt" in body
         if not isinstance(salt, str) or not salt or len(salt) > MAX_SALT_CHARS:
             raise BadRequest(f"'cache_salt' must be a non-empty string of at most {MAX_SALT_CHARS} characters",
                              param="cache_salt", code="invalid_value")
         if salt.startswith(TENANT_SALT_PREFIX):
             raise BadRequest(f"'cache_salt' may not start with {TENANT_SALT_PREFIX!r} (reserved for the "
                              "proxy's tenants)", param="cache_salt", code="invalid_value")
-        return False
+        return True

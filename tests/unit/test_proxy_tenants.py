@@ -39,11 +39,17 @@ def test_a_tenants_requests_carry_its_salt_to_both_workers() -> None:
         assert salts == ["tenant:salt-a", "tenant:salt-a", "tenant:b", None, "mine"]
         assert [r.body.get("cache_salt") for r in c.prefill[0].received] == salts
         assert all("authorization" not in r.body for r in c.decode[0].received)
+        # a duplicate key cannot carry another salt past the check in the raw bytes
+        raw = b'{"model": "standin-model", "prompt": "x", "cache_salt": "tenant:b", "cache_salt": "mine"}'
+        for key in ("key-a", "plain"):
+            assert httpx.post(c.url + "/v1/completions", content=raw, timeout=20,
+                              headers={**_auth(key), "Content-Type": "application/json"}).status_code == 200
+            assert b"tenant:b" not in c.decode[0].received[-1].raw
         for key in ("", "key-c", "admin"):
             r = _post(c, key)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         assert httpx.get(c.url + "/v1/models", headers=_auth("key-b")).status_code == 200
-        assert len(c.decode[0].received) == 5
+        assert len(c.decode[0].received) == 7  # the refused ones reached no worker
 
 
 @pytest.mark.parametrize(("salt", "why"), [("tenant:salt-a", "reserved"), (7, "string"), ("", "string"),
