@@ -80,8 +80,8 @@ def _layout(chunk_bytes: int) -> Any:
 def _ctrl_rtt(args: argparse.Namespace, report: Report, work: Path) -> None:
     import zmq
 
-    from pdx.agent.process import AgentProcess
     from pdx.agent.protocol import Op, encode_request
+    from pdx.deploy.process import AgentProcess
 
     agent = AgentProcess(work, {"store": {"l1": {"capacity": "64MiB"}}, "http": {"enabled": False}},
                          name="rtt").start()
@@ -180,7 +180,7 @@ class _AgentPair:
     """Two agents; ``fetch()`` writes fresh chunks into the source (untimed) and times one fetch."""
 
     def __init__(self, work: Path, backend: str, n: int, chunk: int) -> None:
-        from pdx.agent.process import AgentProcess
+        from pdx.deploy.process import AgentProcess
         from pdx.store.pool import attach
 
         cap = f"{3 * n * chunk // MiB + 16}MiB"

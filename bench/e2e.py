@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> Report:
     import httpx
 
-    from pdx.engine.agent_engine import AgentEngine
+    from pdx.deploy.agent_engine import AgentEngine
     from pdx.engine.vllm import VllmOptions, start_server
     from pdx.model import ensure_model, paragraph
 

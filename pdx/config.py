@@ -5,7 +5,15 @@ raises ``ConfigError`` naming the key path, the file and what is allowed.
 
 Environment overrides (the one place pdx reads configuration from the
 environment): ``PDX__SECTION__KEY=value`` sets ``section.key``; the value is
-parsed as a YAML scalar. Example: ``PDX__STORE__L1__CAPACITY=2GiB``.
+parsed as a YAML scalar. Example: ``PDX__STORE__L1__CAPACITY=2GiB``. One
+environment serves several processes (an agent and the engine it launches, the
+connector inside it), so an override applies only to a config that has its first
+key (``PDX__CONNECTOR__...`` is the connector's, never the agent's); below that
+first key, an unknown name is an error like any other.
+
+Every section is checked when it is loaded: a section class with a ``validate()``
+method has it called by ``from_dict``, and the error names the key path and the
+file. A top-level ``validate()`` is the caller's (``load_config`` calls it).
 """
 
 from __future__ import annotations
@@ -92,6 +100,9 @@ class L1Config:
     shm_name: str = doc_field("", "POSIX shm name of the pool; empty = generated per agent")
     prefault: bool = doc_field(True, "map every page of the pool at start so first writes do not fault")
 
+    def validate(self) -> None:
+        _positive(self, "capacity", "reservation_timeout_s", "lease_s")
+
 
 @dataclass(frozen=True)
 class DiskConfig:
@@ -105,6 +116,10 @@ class DiskConfig:
     )
     queue_depth: int = doc_field(64, "chunks waiting to be written before new ones are dropped")
     fsync: bool = doc_field(False, "fsync each chunk file before it becomes visible (slower, crash-safe)")
+
+    def validate(self) -> None:
+        _positive(self, "capacity")
+        _not_negative(self, "queue_depth")
 
 
 @dataclass(frozen=True)
@@ -122,6 +137,12 @@ class RedisConfig:
     queue_depth: int = doc_field(64, "chunks waiting to be written before new ones are dropped")
     batch_size: int = doc_field(16, "chunks per pipelined write")
 
+    def validate(self) -> None:
+        if not self.url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"url: expected redis://HOST:PORT/DB, rediss://... or unix://PATH, got {self.url!r}")
+        _positive(self, "socket_timeout_s", "max_connections", "batch_size")
+        _not_negative(self, "ttl_s", "retry_after_s", "queue_depth")
+
 
 @dataclass(frozen=True)
 class StoreConfig:
@@ -132,6 +153,33 @@ class StoreConfig:
     redis: RedisConfig = field(default_factory=RedisConfig)
     drain_s: float = doc_field(5.0, "on shutdown, how long queued write-behind may still run")
 
+    def validate(self) -> None:
+        _positive(self, "chunk_tokens")
+        _not_negative(self, "drain_s")
+
+
+#: the transport backends (``pdx.transport.TRANSPORTS`` registers one module for each)
+TRANSPORT_BACKENDS = ("tcp", "shm", "nixl", "ucx", "cuda_ipc")
+
+
+def _positive(cfg: object, *names: str) -> None:
+    for name in names:
+        if not getattr(cfg, name) > 0:
+            raise ConfigError(f"{name}: must be positive, got {getattr(cfg, name)!r}")
+
+
+def _not_negative(cfg: object, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name}: must not be negative, got {getattr(cfg, name)!r}")
+
+
+def _port(cfg: object, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and not 0 <= value <= 65535:
+            raise ConfigError(f"{name}: expected a port number 0..65535, got {value}")
+
 
 @dataclass(frozen=True)
 class TransportConfig:
@@ -141,6 +189,8 @@ class TransportConfig:
     host: str = doc_field("127.0.0.1", "address peers connect to; loopback unless configured")
     port: int = doc_field(0, "port of the handshake listener; 0 = any free port")
     secret: str = doc_field("", "shared secret for the peer challenge; empty = no challenge")
+    secret_file: str = doc_field(
+        "", "path to a file holding the deployment secret; group/other-readable files are refused")
     connect_timeout_s: float = doc_field(5.0, "limit on connecting and the handshake")
     transfer_timeout_s: float = doc_field(30.0, "default deadline of one batch")
     heartbeat_s: float = doc_field(1.0, "peer liveness probe interval")
@@ -149,6 +199,15 @@ class TransportConfig:
     debug_corrupt_every: int = doc_field(
         0, "testing only: flip one byte in every Nth chunk this agent receives (0 = off); "
         "lets integrity tests prove that corruption is detected")
+
+    def validate(self) -> None:
+        if self.backend not in TRANSPORT_BACKENDS:
+            raise ConfigError(f"backend: expected one of {', '.join(TRANSPORT_BACKENDS)}, got {self.backend!r}")
+        if not self.host:
+            raise ConfigError("host: must not be empty")
+        _port(self, "port")
+        _positive(self, "connect_timeout_s", "transfer_timeout_s", "heartbeat_s", "connections_per_peer")
+        _not_negative(self, "debug_corrupt_every")
 
 
 @dataclass(frozen=True)
@@ -168,6 +227,11 @@ class ControlConfig:
     max_jobs: int = doc_field(4096, "jobs kept at most (oldest finished ones are dropped first)")
     drain_timeout_s: float = doc_field(30.0, "on SIGTERM, how long in-flight transfers may take to finish")
 
+    def validate(self) -> None:
+        _port(self, "peer_port")
+        _positive(self, "max_jobs")
+        _not_negative(self, "job_retention_s", "drain_timeout_s")
+
 
 @dataclass(frozen=True)
 class HttpConfig:
@@ -176,6 +240,9 @@ class HttpConfig:
     enabled: bool = doc_field(True, "serve the HTTP endpoint")
     host: str = doc_field("127.0.0.1", "bind address; loopback unless configured")
     port: int = doc_field(0, "port; 0 = any free port (logged at start-up)")
+
+    def validate(self) -> None:
+        _port(self, "port")
 
 
 @dataclass(frozen=True)
@@ -198,6 +265,11 @@ class EngineConfig:
     stable_after_s: float = doc_field(60.0, "an engine up this long resets the backoff and the count")
     stop_timeout_s: float = doc_field(20.0, "after SIGTERM, how long the engine may take before SIGKILL")
 
+    def validate(self) -> None:
+        if self.url and not re.match(r"^https?://[^/\s]+", self.url):
+            raise ConfigError(f"url: expected an http:// or https:// URL, got {self.url!r}")
+        _positive(self, "stop_timeout_s", "stable_after_s")
+
 
 @dataclass(frozen=True)
 class RegistrationConfig:
@@ -213,6 +285,11 @@ class RegistrationConfig:
     admin_key: str = doc_field(
         "", "bearer key for the proxy's admin endpoints (its admin_key, or its api_key when that is "
         "empty); empty = send none")
+
+    def validate(self) -> None:
+        if self.proxy_url and not re.match(r"^https?://[^/\s]+", self.proxy_url):
+            raise ConfigError(f"proxy_url: expected an http:// or https:// URL, got {self.proxy_url!r}")
+        _positive(self, "timeout_s")
 
 
 @dataclass(frozen=True)
@@ -378,6 +455,27 @@ class CacheAwareConfig:
         65536, "chunk keys the proxy remembers per worker from its own routing; 0 = none")
 
 
+#: the prefix of every cache_salt the proxy sets for a tenant; clients may not send one
+TENANT_SALT_PREFIX = "tenant:"
+_SALT_FORBIDDEN = ("@", "/", "\\", "\0")  # vLLM refuses these in a cache_salt
+
+
+@dataclass(frozen=True)
+class TenantConfig:
+    """A client of the proxy with its own API key and its own KV (docs/security.md, Tenants)."""
+
+    name: str = doc_field("", "the tenant's name (logs); also its salt when cache_salt is empty")
+    api_key: str = doc_field("", "the tenant's bearer key for the OpenAI endpoints")
+    cache_salt: str = doc_field(
+        "", "mixed into the chunk keys of every request of this tenant (sent to vLLM as "
+        "cache_salt 'tenant:<salt>'); keep it secret; empty = the name")
+
+    @property
+    def salt(self) -> str:
+        """The ``cache_salt`` workers see for this tenant's requests."""
+        return TENANT_SALT_PREFIX + (self.cache_salt or self.name)
+
+
 @dataclass(frozen=True)
 class ProxyConfig:
     """Everything ``pdx-proxy serve`` needs."""
@@ -396,7 +494,13 @@ class ProxyConfig:
     admin_key: str = doc_field(
         "", "key for the admin endpoints; empty = the api_key (no check when both are empty)")
     upstream_api_key: str = doc_field("", "bearer key sent to the workers; empty = none")
+    tenants: list[TenantConfig] = doc_field(
+        [], "clients with their own key: a request with a tenant's key is served with the tenant's "
+        "cache_salt, so tenants never share KV")
     max_body_size: int = size_field("4MiB", "largest request body accepted (413 above)")
+    max_upstream_body_size: int = size_field(
+        "64MiB", "largest answer read whole from a worker (prefill, non-streamed decode); a bigger one "
+        "fails that worker's call")
     max_inflight: int = doc_field(256, "requests served at once; more wait in the queue")
     max_queue: int = doc_field(1024, "requests waiting for a slot; more get 429")
     queue_timeout_s: float = doc_field(10.0, "a request waiting longer than this gets 503")
@@ -438,12 +542,13 @@ class ProxyConfig:
                      "health_timeout_s", "heartbeat_timeout_s", "shutdown_grace_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be a positive number of seconds")
-        if self.max_body_size <= 0:
-            raise ConfigError("max_body_size: must be positive")
+        if self.max_body_size <= 0 or self.max_upstream_body_size <= 0:
+            raise ConfigError("max_body_size, max_upstream_body_size: must be positive")
         if self.cache_aware.chunk_tokens <= 0:
             raise ConfigError("cache_aware.chunk_tokens: must be positive")
         if self.cache_aware.max_imbalance < 0 or self.cache_aware.hint_keys < 0:
             raise ConfigError("cache_aware.max_imbalance and hint_keys cannot be negative")
+        self._validate_tenants()
         seen: set[str] = set()
         for i, w in enumerate(self.workers):
             for name in ("url", "agent_url"):
@@ -455,6 +560,26 @@ class ProxyConfig:
             if key in seen:
                 raise ConfigError(f"workers[{i}].url: {w.url!r} is listed twice")
             seen.add(key)
+
+    def _validate_tenants(self) -> None:
+        names: set[str] = set()
+        salts: set[str] = set()
+        keys = {k for k in (self.api_key, self.admin_key) if k}
+        for i, tenant in enumerate(self.tenants):
+            if not tenant.name or tenant.name in names:
+                raise ConfigError(f"tenants[{i}].name: every tenant needs a unique name")
+            names.add(tenant.name)
+            if not tenant.api_key or tenant.api_key in keys:
+                raise ConfigError(f"tenants[{i}].api_key: needs a key of its own (not empty, not another "
+                                  "tenant's, not the api_key or admin_key)")
+            keys.add(tenant.api_key)
+            salt = tenant.cache_salt or tenant.name
+            if len(tenant.salt) > 128 or any(c in salt for c in _SALT_FORBIDDEN):
+                raise ConfigError(f"tenants[{i}].cache_salt: at most {128 - len(TENANT_SALT_PREFIX)} "
+                                  "characters, none of '@', '/', '\\' or NUL")
+            if tenant.salt in salts:
+                raise ConfigError(f"tenants[{i}].cache_salt: the same as another tenant's (they would share KV)")
+            salts.add(tenant.salt)
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -477,15 +602,41 @@ def load_config(cls: type[T], path: str | os.PathLike[str] | None = None,
         raw = data
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: top level must be a mapping, got {type(raw).__name__}")
-    merged = _apply_env(dict(raw), os.environ if env is None else env, source)
-    cfg = from_dict(cls, merged, source)
-    validate = getattr(cfg, "validate", None)
-    if callable(validate):
-        try:
-            validate()
-        except ConfigError as exc:
-            raise ConfigError(f"{source}: {exc}") from None
+    environ = os.environ if env is None else env
+    ours = {name: value for name, value in environ.items() if _env_first_key(name) in _field_names(cls)}
+    merged = _apply_env(dict(raw), ours, source)
+    try:
+        cfg = from_dict(cls, merged, source)
+        validate = getattr(cfg, "validate", None)
+        if callable(validate):
+            try:
+                validate()
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: {exc}") from None
+    except ConfigError as exc:
+        raise ConfigError(_blame_env(str(exc), ours)) from None
     return cfg
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+
+
+def _env_first_key(name: str) -> str:
+    if not name.startswith(ENV_PREFIX):
+        return ""
+    return name[len(ENV_PREFIX):].split("__", 1)[0].lower()
+
+
+def _blame_env(message: str, overrides: Mapping[str, str]) -> str:
+    """Add which environment variable set the key an error names (the file did not)."""
+    for name in overrides:
+        parts = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
+        key = ".".join(parts)
+        unknown = "unknown key " + "".join(f"{p}." for p in parts[:-1]) + repr(parts[-1])
+        if f" {key}:" in message or unknown in message:
+            return f"{message} (set by the environment variable {name})"
+    return message
 
 
 def _apply_env(raw: dict[str, Any], env: Mapping[str, str], source: str) -> dict[str, Any]:
@@ -493,13 +644,18 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str], source: str) -> dict
         if not name.startswith(ENV_PREFIX):
             continue
         path = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
+        if not path:
+            continue
         node = raw
         for part in path[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
                 raise ConfigError(f"{source}: env {name} overrides {part!r}, which is not a section")
             node = child
-        node[path[-1]] = yaml.safe_load(value) if value != "" else ""
+        try:
+            node[path[-1]] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            node[path[-1]] = value  # not a YAML scalar: the string itself, checked like any other
     return raw
 
 
@@ -519,9 +675,16 @@ def from_dict(cls: type[T], raw: Mapping[str, Any], source: str = "<dict>", pref
     for name, value in raw.items():
         kwargs[name] = _convert(hints[name], value, fields[name], source, f"{prefix}{name}")
     try:
-        return cls(**kwargs)
+        cfg = cls(**kwargs)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'}: {exc}") from exc
+    validate = getattr(cfg, "validate", None)
+    if prefix and callable(validate):  # a section; the top level is the caller's (load_config)
+        try:
+            validate()
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {prefix}{exc}") from None
+    return cfg
 
 
 def _convert(tp: Any, value: Any, f: dataclasses.Field[Any], source: str, key: str) -> Any:

@@ -1,9 +1,11 @@
 """Deterministic chunk keys.
 
 A chunk's key is a rolling hash: ``key[i] = H(key[i-1] || tokens of chunk i)``
-seeded with the chunk fingerprint and an optional namespace. The same token ids
-give the same keys in every process and on every machine: the hash is xxh3-128
-over explicit little-endian bytes, never Python's ``hash()``.
+seeded with the chunk fingerprint, an optional namespace (per deployment) and an
+optional salt (per request: vLLM's ``cache_salt``, which the proxy sets per tenant).
+The same token ids give the same keys in every process and on every machine: the
+hash is xxh3-128 over explicit little-endian bytes, never Python's ``hash()``. Two
+requests with different salts never share a key, so tenants never share KV.
 
 Full chunks get keys from ``chunk_keys``. A *tail* chunk, the partial chunk after
 the last full one, gets its key from ``tail_key``: the same chain, with a tag so a
@@ -26,9 +28,18 @@ KEY_BYTES = 16
 DEFAULT_CHUNK_TOKENS = 256
 
 
-def chunk_seed(chunk_fingerprint: str, namespace: str = "") -> bytes:
-    """The hash state before the first chunk: fingerprint and tenant namespace."""
-    return xxhash.xxh3_128_digest(f"pdx/1|{chunk_fingerprint}|{namespace}".encode())
+def chunk_seed(chunk_fingerprint: str, namespace: str = "", salt: str = "") -> bytes:
+    """The hash state before the first chunk: fingerprint, namespace and the request's salt.
+
+    Without a salt the seed is what it always was (stored chunks keep their keys). A salt
+    is hashed after the unsalted seed, length-prefixed, so no (namespace, salt) pair can
+    spell another's seed.
+    """
+    seed = xxhash.xxh3_128_digest(f"pdx/1|{chunk_fingerprint}|{namespace}".encode())
+    if not salt:
+        return seed
+    raw = salt.encode()
+    return xxhash.xxh3_128_digest(b"pdx/salt|" + seed + len(raw).to_bytes(4, "little") + raw)
 
 
 def chunk_keys(
@@ -36,6 +47,8 @@ def chunk_keys(
     chunk_fingerprint: str,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     namespace: str = "",
+    *,
+    salt: str = "",
 ) -> list[ChunkKey]:
     """Keys of every full chunk of ``token_ids``, in order.
 
@@ -47,7 +60,7 @@ def chunk_keys(
     tokens = np.asarray(token_ids, dtype="<u4")
     n_full = len(tokens) // chunk_tokens
     keys: list[ChunkKey] = []
-    prev = chunk_seed(chunk_fingerprint, namespace)
+    prev = chunk_seed(chunk_fingerprint, namespace, salt)
     raw = tokens[: n_full * chunk_tokens].tobytes()
     step = chunk_tokens * 4
     for i in range(n_full):
@@ -63,12 +76,14 @@ def tail_key(
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     namespace: str = "",
     full_keys: Sequence[bytes] | None = None,
+    *,
+    salt: str = "",
 ) -> ChunkKey | None:
     """Key of the tail chunk ``[end // chunk_tokens * chunk_tokens, end)`` of ``token_ids``.
 
     None when ``end`` is a chunk boundary (there is no tail). ``full_keys`` (the
-    ``chunk_keys`` of the same tokens, when the caller has them) saves rehashing the
-    chunks before the tail.
+    ``chunk_keys`` of the same tokens and salt, when the caller has them) saves rehashing
+    the chunks before the tail.
     """
     if not 0 <= end <= len(token_ids):
         raise ValueError(f"tail end {end} outside the {len(token_ids)} tokens")
@@ -76,12 +91,12 @@ def tail_key(
     if n_tail == 0:
         return None
     if n_full == 0:
-        prev = chunk_seed(chunk_fingerprint, namespace)
+        prev = chunk_seed(chunk_fingerprint, namespace, salt)
     elif full_keys is not None and len(full_keys) >= n_full:
         prev = bytes(full_keys[n_full - 1])
     else:
         prev = chunk_keys(np.asarray(token_ids)[: n_full * chunk_tokens], chunk_fingerprint, chunk_tokens,
-                          namespace)[-1]
+                          namespace, salt=salt)[-1]
     raw = np.asarray(token_ids, dtype="<u4")[n_full * chunk_tokens : end].tobytes()
     return ChunkKey(xxhash.xxh3_128_digest(b"pdx-tail|" + n_tail.to_bytes(4, "little") + prev + raw))
 

@@ -7,7 +7,8 @@ returns; ``await server.stop()`` closes it all. It runs on the caller's event
 loop (``pdx-proxy serve`` uses uvloop); nothing in it is thread-safe.
 
 Client endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``,
-``GET /v1/models`` (API key checked when configured), ``GET /health`` (200 when a
+``GET /v1/models`` (API key checked when configured; a tenant's key also
+identifies the tenant, whose ``cache_salt`` every request then carries: ``proxy/tenants.py``), ``GET /health`` (200 when a
 decode worker is in the pool, else 503), ``GET /metrics`` (Prometheus).
 Admin endpoints (admin key; on their own port when ``admin_port`` is set):
 ``POST /admin/register`` (an agent announcement, JSON or msgpack) and
@@ -47,9 +48,11 @@ from pdx.scheduler.registry import Side, WorkerRegistry
 from pdx.scheduler.summary import MAX_SUMMARY_BYTES
 from pdx.scheduler.tokenizer import Tokenizer, load_tokenizer
 from proxy.admission import Admission
+from proxy.checks import MAX_JSON_DEPTH, check_depth, check_generate
 from proxy.flow import ANSWER_SENT, Endpoint, PDFlow
 from proxy.health import HealthChecker
 from proxy.metrics import ProxyMetrics
+from proxy.tenants import ClientAuth
 from proxy.upstream import UpstreamPool
 
 log = logging.getLogger("pdx.proxy")
@@ -75,27 +78,18 @@ def json_or_400(raw: bytes) -> Any:
     if not raw:
         raise BadRequest("empty request body; expected a JSON object", code="invalid_json")
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"malformed JSON: {exc}", code="invalid_json") from None
-
-
-def _check_prompt(prompt: Any) -> None:
-    if isinstance(prompt, str):
-        return
-    if isinstance(prompt, list) and prompt:
-        if all(isinstance(p, str) for p in prompt):
-            return
-        if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
-            return
-        if all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt):
-            return
-    raise BadRequest("'prompt' must be a string, a list of strings, a list of token ids or a list of "
-                     "token-id lists", param="prompt", code="invalid_type")
+    except RecursionError:
+        raise BadRequest(f"JSON nested more than {MAX_JSON_DEPTH} levels deep", code="invalid_json") from None
+    check_depth(raw, body)
+    return body
 
 
 def validate_body(endpoint: Endpoint, body: Any) -> None:
-    """Checks the proxy needs before routing; the worker validates everything else."""
+    """Checks the proxy needs before routing (``proxy.checks``: shapes, ranges, limits); the
+    worker validates everything else."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object", code="invalid_json")
     model = body.get("model")
@@ -106,7 +100,6 @@ def validate_body(endpoint: Endpoint, body: Any) -> None:
     if endpoint is Endpoint.COMPLETIONS:
         if "prompt" not in body:
             raise BadRequest("missing required field 'prompt'", param="prompt", code="missing_field")
-        _check_prompt(body["prompt"])
     else:
         messages = body.get("messages")
         if messages is None:
@@ -115,13 +108,10 @@ def validate_body(endpoint: Endpoint, body: Any) -> None:
                 isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
             raise BadRequest("'messages' must be a non-empty list of objects with a 'role'",
                              param="messages", code="invalid_type")
+    check_generate(endpoint is Endpoint.CHAT, body)
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise BadRequest("'stream' must be true or false", param="stream", code="invalid_type")
-    for name in ("max_tokens", "max_completion_tokens"):
-        value = body.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise BadRequest(f"'{name}' must be a positive integer", param=name, code="invalid_value")
 
 
 class ProxyServer:
@@ -142,7 +132,7 @@ class ProxyServer:
         self.metrics = ProxyMetrics(self.registry.describe)
         self.metrics.inflight.set_function(lambda: self.admission.inflight)
         self.metrics.queued.set_function(lambda: self.admission.queued)
-        self._api_key = cfg.api_key.encode()
+        self.auth = ClientAuth(cfg)
         self._admin_key = (cfg.admin_key or cfg.api_key).encode()
         self.url = ""
         self.admin_url = ""
@@ -272,11 +262,12 @@ class ProxyServer:
         m = self.metrics
         admitted = False
         try:
-            if not self._key_ok(request, self._api_key):
-                raise Unauthorized("missing or wrong API key (send 'Authorization: Bearer <key>')")
-            raw = await self._read_body(request, self.cfg.max_body_size)
-            body = json_or_400(raw)
+            tenant = self.auth.identify(request.headers)
+            received = await self._read_body(request, self.cfg.max_body_size)
+            body = json_or_400(received)
             validate_body(endpoint, body)
+            # a body with a salt (the tenant's, or checked) is serialized again by the flow
+            raw = None if self.auth.apply_salt(body, tenant) else received
             served = self._served_models()
             if served and body["model"] not in served:
                 raise NotFound(f"the model '{body['model']}' does not exist; served: {', '.join(served)}",
@@ -311,8 +302,10 @@ class ProxyServer:
         return resp
 
     async def _models(self, request: web.Request) -> web.Response:
-        if not self._key_ok(request, self._api_key):
-            return error_response(Unauthorized("missing or wrong API key"))
+        try:
+            self.auth.identify(request.headers)
+        except Unauthorized as exc:
+            return error_response(exc)
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "pdx"}
                 for name in self._served_models()]
         return web.json_response({"object": "list", "data": data})

@@ -164,7 +164,8 @@ class PDFlow:
         if token_ids is None and self.policy.needs_tokens and self.tokenizer is not None:
             token_ids = await self._tokenize(endpoint, body, text, rid)
         estimate = len(token_ids) if token_ids is not None else len(text) // 4 + 1
-        return RouteRequest(rid, estimate, max_tokens, token_ids)
+        salt = body.get("cache_salt")
+        return RouteRequest(rid, estimate, max_tokens, token_ids, salt if isinstance(salt, str) else "")
 
     async def _tokenize(self, endpoint: Endpoint, body: dict[str, Any], text: str,
                         rid: str) -> list[int] | None:
@@ -194,7 +195,8 @@ class PDFlow:
         ``raw`` is the body as received: when given (and it carries no ``kv_transfer_params``)
         the decode request reuses its bytes instead of serializing ``body`` again.
         """
-        if body.pop("kv_transfer_params", None) is not None:
+        if "kv_transfer_params" in body:  # only the proxy says where KV comes from (even a null
+            del body["kv_transfer_params"]  # goes: the raw bytes may hold an earlier duplicate key)
             raw = None
         rreq = await self._route_request(endpoint, body, rid)
         decode = self.registry.candidates(Side.DECODE)
@@ -318,7 +320,7 @@ class PDFlow:
         try:
             async with asyncio.timeout(self.cfg.prefill_timeout_s):
                 resp = await self.pool.request(w.url, "POST", endpoint.path, data, headers)
-                raw = await resp.read()
+                raw = await resp.read(self.cfg.max_upstream_body_size)
         except (TimeoutError, TransportError) as exc:
             return _failure(exc, self.cfg.prefill_timeout_s)
         finally:
@@ -355,7 +357,7 @@ class PDFlow:
                     async with asyncio.timeout(self.cfg.first_token_timeout_s):
                         upstream = await self.pool.request(w.url, "POST", endpoint.path, data, headers)
                         if upstream.status != 200 or not stream:
-                            raw = await upstream.read()
+                            raw = await upstream.read(self.cfg.max_upstream_body_size)
                         else:
                             raw = await upstream.readany()
                 except (TimeoutError, TransportError) as exc:

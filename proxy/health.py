@@ -22,6 +22,9 @@ from proxy.upstream import UpstreamPool, UpstreamResponse
 
 log = logging.getLogger("pdx.proxy")
 
+#: a health answer bigger than this is a failed check (the answer is only a status)
+MAX_HEALTH_BODY = 64 * 1024
+
 
 class HealthChecker:
     def __init__(self, registry: WorkerRegistry, pool: UpstreamPool, *,
@@ -53,7 +56,7 @@ class HealthChecker:
         try:
             async with asyncio.timeout(self.timeout_s):
                 resp = await self.pool.request(base, "GET", path, headers=self.headers)
-                return resp.status, await resp.read()
+                return resp.status, await resp.read(MAX_HEALTH_BODY)
         except TimeoutError:
             return f"GET {base}{path} timed out"
         except TransportError as exc:

@@ -50,6 +50,7 @@ class Received:
     request_id: str | None
     authorization: str | None
     at: float = field(default_factory=time.monotonic)
+    raw: bytes = b""  # the body as sent (duplicate keys and all)
 
 
 class StandinWorker:
@@ -107,9 +108,10 @@ class StandinWorker:
         return True
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
-        body = json.loads(await request.read())
+        raw = await request.read()
+        body = json.loads(raw)
         rid = request.headers.get("X-Request-Id")
-        self.received.append(Received(request.path, body, rid, request.headers.get("Authorization")))
+        self.received.append(Received(request.path, body, rid, request.headers.get("Authorization"), raw=raw))
         b = self.behaviour
         try:
             if b.drop and self._should_fail():

@@ -270,12 +270,19 @@ class UpstreamResponse:
             await c.waiter
             c.waiter = None
 
-    async def read(self) -> bytes:
+    async def read(self, limit: int | None = None) -> bytes:
+        """The whole body. Over ``limit`` bytes the call is closed and ``TransportError``
+        raised: a worker (or anything posing as one) cannot make the proxy buffer without end."""
         parts: list[bytes] = []
+        size = 0
         while True:
             piece = await self.readany()
             if not piece:
                 return b"".join(parts)
+            size += len(piece)
+            if limit is not None and size > limit:
+                self.close()
+                raise TransportError(f"the answer is over the limit of {limit} bytes")
             parts.append(piece)
 
     def _finish(self) -> None:

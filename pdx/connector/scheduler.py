@@ -69,9 +69,17 @@ class SchedulerAgent(Protocol):
 
 
 class RequestLike(Protocol):
+    """vLLM's ``Request``; its optional ``cache_salt`` (per tenant) is read with ``getattr``."""
+
     request_id: str
     prompt_token_ids: list[int] | None
     kv_transfer_params: dict[str, Any] | None
+
+
+def request_salt(request: object) -> str:
+    """The request's ``cache_salt`` (vLLM's, validated by its API server), or ``""``."""
+    salt = getattr(request, "cache_salt", None)
+    return salt if isinstance(salt, str) else ""
 
 
 @dataclass(frozen=True)
@@ -195,12 +203,16 @@ class PdxSchedulerSide:
                         request.request_id, exc)
             params = NO_PARAMS
         s = self.settings
-        keys = chunk_keys(tokens, s.chunk_fingerprint, s.chunk_tokens, s.namespace) if tokens else []
+        # vLLM's per-request cache_salt (the proxy sets one per tenant) is part of every key, so
+        # requests with different salts never load each other's KV, locally or from a peer.
+        salt = request_salt(request)
+        keys = chunk_keys(tokens, s.chunk_fingerprint, s.chunk_tokens, s.namespace, salt=salt) if tokens else []
         st = _Req(req_id=request.request_id, keys=keys, prompt_len=len(tokens), params=params)
         # P/D: a tail when the loadable tokens end inside a chunk the prompt does not fill
         # (with a full last chunk, that chunk is loaded in part instead).
         if (params.remote_decode or params.remote is not None) and st.max_load > len(keys) * s.chunk_tokens:
-            st.tail = tail_key(tokens, st.max_load, s.chunk_fingerprint, s.chunk_tokens, s.namespace, keys)
+            st.tail = tail_key(tokens, st.max_load, s.chunk_fingerprint, s.chunk_tokens, s.namespace, keys,
+                               salt=salt)
             st.tail_tokens = st.max_load - len(keys) * s.chunk_tokens
         self._reqs[request.request_id] = st
         return st

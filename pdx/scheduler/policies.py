@@ -36,6 +36,8 @@ class RouteRequest:
     prompt_tokens: int  # exact when token_ids is set, else an estimate
     max_tokens: int
     token_ids: Sequence[int] | None = None
+    #: the ``cache_salt`` the workers will see (the tenant's): keys are salted like the connector's
+    cache_salt: str = ""
     _keys: dict[KeySpace, list[ChunkKey]] = field(default_factory=dict, repr=False)
 
     def keys(self, space: KeySpace) -> list[ChunkKey]:
@@ -45,7 +47,8 @@ class RouteRequest:
             if self.token_ids is None:
                 got = []
             else:
-                got = chunk_keys(self.token_ids, space.fingerprint, space.chunk_tokens, space.namespace)
+                got = chunk_keys(self.token_ids, space.fingerprint, space.chunk_tokens, space.namespace,
+                                 salt=self.cache_salt)
             self._keys[space] = got
         return got
 

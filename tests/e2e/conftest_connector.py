@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 
-from pdx.engine.agent_engine import AgentEngine
+from pdx.deploy.agent_engine import AgentEngine
 from pdx.engine.vllm import free_port
 from pdx.model import BuiltModel
 
@@ -58,6 +58,7 @@ PROMPTS: dict[str, tuple[int, int]] = {
     "spill_c": (PROMPT_TOKENS, 108),
     "crash": (PROMPT_TOKENS, 109),
     "reuse_whole_chunks": (12 * CHUNK_TOKENS, 110),
+    "tenants": (PROMPT_TOKENS, 111),
 }
 
 @dataclass(frozen=True)

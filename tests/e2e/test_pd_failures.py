@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from conftest_connector import MAX_TOKENS, PdxStack
 
-from pdx.engine.agent_engine import AgentEngine
+from pdx.deploy.agent_engine import AgentEngine
 from pdx.engine.vllm import free_port
 
 pytestmark = pytest.mark.e2e

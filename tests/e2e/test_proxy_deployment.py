@@ -22,7 +22,7 @@ import pytest
 
 from pdx.config import from_dict
 from pdx.deploy import DeployConfig, Deployment
-from pdx.engine.agent_engine import Metrics
+from pdx.deploy.agent_engine import Metrics
 from pdx.engine.vllm import VllmServer
 from pdx.model import BuiltModel
 from pdx.model.text import paragraph
@@ -53,7 +53,7 @@ def deployment(tiny_model: BuiltModel, stack: Any, tmp_path_factory: pytest.Temp
 @pytest.fixture(scope="module")
 def clients(deployment: Deployment, plain_server: VllmServer) -> tuple[Any, Any]:
     """(through pdx, plain vLLM)"""
-    return (openai.OpenAI(base_url=f"{deployment.url}/v1", api_key="none", max_retries=0, timeout=300),
+    return (openai.OpenAI(base_url=f"{deployment.url}/v1", api_key=deployment.api_key, max_retries=0, timeout=300),
             openai.OpenAI(base_url=f"{plain_server.url}/v1", api_key="none", max_retries=0, timeout=300))
 
 
@@ -125,6 +125,12 @@ def test_repeated_prefix_is_served_from_cache(deployment: Deployment, clients: t
     # the prefill worker finds the prefix in vLLM's prefix cache, the decode worker in its own
     # prefix cache or (what it lacks) in pdx: computed tokens are what neither tier held
     assert hits_after - hits_before >= cached_chunks * CHUNK_TOKENS, (hits_before, hits_after)
+
+
+def test_the_proxy_refuses_clients_without_the_key(deployment: Deployment) -> None:
+    stranger = openai.OpenAI(base_url=f"{deployment.url}/v1", api_key="none", max_retries=0, timeout=30)
+    with pytest.raises(openai.AuthenticationError):
+        stranger.completions.create(model="tiny", prompt="hello", max_tokens=1)
 
 
 def test_logs_are_kept(deployment: Deployment) -> None:

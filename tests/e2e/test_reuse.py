@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from conftest_connector import CHUNK_TOKENS, MAX_TOKENS, PdxStack
 
-from pdx.engine.agent_engine import AgentEngine, Metrics
+from pdx.deploy.agent_engine import AgentEngine, Metrics
 
 pytestmark = pytest.mark.e2e
 
@@ -59,6 +59,27 @@ def test_whole_chunk_prompt_loads_all_but_its_last_token(stack: PdxStack, prompt
     out = complete(both, ids, MAX_TOKENS)
     assert out["choices"][0]["token_ids"] == references["reuse_whole_chunks"]
     assert _loaded(both, before) == len(ids) - 1
+
+
+def test_tenants_with_the_same_prompt_never_share_kv(stack: PdxStack, prompts: dict[str, list[int]],
+                                                     references: dict[str, list[int]],
+                                                     complete: Callable[..., dict[str, Any]]) -> None:
+    # vLLM's per-request cache_salt (the proxy sets "tenant:<salt>" per API key) is part of every
+    # chunk key: tenant B's identical prompt finds nothing of tenant A's, and each repeat finds its own.
+    (both,) = stack.use("both")
+    ids = prompts["tenants"]
+    full = (len(ids) - 1) // CHUNK_TOKENS * CHUNK_TOKENS
+
+    def loaded_by(salt: str) -> float:
+        before = both.vllm_metrics()
+        out = complete(both, ids, MAX_TOKENS, cache_salt=salt)
+        assert out["choices"][0]["token_ids"] == references["tenants"]  # greedy output of plain vLLM
+        return _loaded(both, before)
+
+    assert loaded_by("tenant:a") == 0  # computed, then stored under tenant A's keys
+    assert loaded_by("tenant:a") == full > 0  # A's repeat loads them
+    assert loaded_by("tenant:b") == 0  # B's identical prompt loads nothing from pdx
+    assert loaded_by("tenant:b") == full  # B's repeat loads B's own
 
 
 @pytest.mark.redis

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pdx.agent.client import AgentClient
-from pdx.agent.process import AgentProcess
 from pdx.agent.protocol import WIRE_VERSION, Op, decode_reply, encode_request
+from pdx.deploy.process import AgentProcess
 from pdx.errors import WireError
 from pdx.layout import KVDtype, KVLayout
 

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import zmq
 
-from pdx.agent.process import AgentProcess
 from pdx.agent.types import ChunkStatus, JobState
 from pdx.checksum import checksum
+from pdx.deploy.process import AgentProcess
 from pdx.errors import AgentError
 from pdx.layout import KVDtype, KVLayout
 from pdx.store.pool import attach

@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from pdx.agent.process import AgentProcess
 from pdx.checksum import checksum
+from pdx.deploy.process import AgentProcess
 from pdx.store.pool import attach
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]

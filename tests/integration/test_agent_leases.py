@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pdx.agent.client import AgentClient
-from pdx.agent.process import AgentProcess
+from pdx.deploy.process import AgentProcess
 from pdx.layout import KVDtype, KVLayout
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]

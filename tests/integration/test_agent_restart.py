@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pdx.agent.client import AgentClient
-from pdx.agent.process import AgentProcess
+from pdx.deploy.process import AgentProcess
 from pdx.errors import AgentUnavailable
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]

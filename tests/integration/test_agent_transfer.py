@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from pdx.agent.client import AgentClient
-from pdx.agent.process import AgentProcess
 from pdx.agent.types import ChunkStatus, JobState
 from pdx.checksum import checksum
+from pdx.deploy.process import AgentProcess
 from pdx.layout import KVDtype, KVLayout
 from pdx.store.pool import AttachedPool, attach
 from pdx.transport import TRANSPORTS

@@ -364,3 +364,54 @@ def test_chunk_tokens_must_be_a_multiple_of_the_block_size() -> None:
 
     with pytest.raises(PdxError, match="multiple of the engine's block size"):
         _side(None, chunk_tokens=100)
+
+
+# --- tenants: vLLM's cache_salt is part of every key -----------------------------------------------
+
+
+def _salted(req_id: str, n: int, salt: str | None, params: dict[str, Any] | None = None) -> SimpleNamespace:
+    req = _req(req_id, n, params)
+    req.cache_salt = salt
+    return req
+
+
+def test_tenants_with_the_same_prompt_never_share_chunks() -> None:
+    agent = FakeAgent(slab_size=4096)
+    side = _side(agent)
+    a1 = _salted("a1", 4 * CT + 10, "tenant-a")
+    assert side.matched_tokens(a1, 0) == (0, False)
+    side.after_alloc(a1, [1, 2, 3, 4, 5], 0)
+    plan = side.build_step(_out(new=[_new("a1", [1, 2, 3, 4, 5], 0)], scheduled={"a1": 4 * CT + 10}))
+    stored = [c.key for s in plan.stores for c in s.chunks]
+    salted = list(chunk_keys(a1.prompt_token_ids, FP, CT, salt="tenant-a"))
+    assert stored == salted and not set(stored) & set(_keys(a1))  # stored under tenant A's keys only
+    _fill(agent, stored)
+    side.finished(a1, completed=True)
+
+    assert side.matched_tokens(_salted("a2", 4 * CT + 10, "tenant-a"), 0) == (4 * CT, False)  # A's repeat hits
+    assert side.matched_tokens(_salted("b1", 4 * CT + 10, "tenant-b"), 0) == (0, False)  # B: same prompt, miss
+    assert side.matched_tokens(_salted("n1", 4 * CT + 10, None), 0) == (0, False)  # no salt: miss too
+
+
+def test_decode_of_another_tenant_loads_nothing_from_the_prefill_side(caplog: pytest.LogCaptureFixture) -> None:
+    side = _side(FakeAgent(slab_size=4096))
+    prefill_req = _salted("p", 1500, "tenant-a")
+    keys = tuple(chunk_keys(prefill_req.prompt_token_ids, FP, CT, salt="tenant-a"))[:11]
+    params = _decode_params(prefill_req, 11, keys=keys)
+    assert side.matched_tokens(_salted("same", 1500, "tenant-a", params), 0) == (11 * CT, True)
+    with caplog.at_level(logging.WARNING):
+        assert side.matched_tokens(_salted("other", 1500, "tenant-b", params), 0) == (0, False)
+    assert "only 0 of 11 chunk keys" in caplog.text
+
+
+def test_a_prefill_offers_its_tenants_keys(caplog: pytest.LogCaptureFixture) -> None:
+    agent = FakeAgent(slab_size=4096)
+    side = _side(agent)
+    req = _salted("pt", 3 * CT + 5, "tenant-a", {"do_remote_decode": True})
+    side.matched_tokens(req, 0)
+    side.after_alloc(req, [1, 2, 3, 4], 0)
+    plan = side.build_step(_out(new=[_new("pt", [1, 2, 3, 4], 0)], scheduled={"pt": 3 * CT + 5}))
+    keys = [c.key for s in plan.stores for c in s.chunks]
+    want_full = list(chunk_keys(req.prompt_token_ids, FP, CT, salt="tenant-a"))
+    want_tail = tail_key(req.prompt_token_ids, 3 * CT + 4, FP, CT, salt="tenant-a")
+    assert keys == [*want_full, want_tail]

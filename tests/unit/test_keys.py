@@ -70,6 +70,24 @@ def test_namespace_separates_tenants() -> None:
     assert chunk_keys(tokens, "fp", namespace="a") != chunk_keys(tokens, "fp", namespace="b")
 
 
+def test_cache_salt_separates_tenants_and_leaves_unsalted_keys_alone() -> None:
+    tokens = list(range(600))
+    plain = chunk_keys(tokens, "fp", 128)
+    a, b = chunk_keys(tokens, "fp", 128, salt="tenant-a"), chunk_keys(tokens, "fp", 128, salt="tenant-b")
+    assert len(a) == len(b) == len(plain) == 4
+    assert not set(a) & set(b) and not set(a) & set(plain) and not set(b) & set(plain)  # not one chunk shared
+    assert chunk_keys(tokens, "fp", 128, salt="tenant-a") == a  # deterministic
+    assert chunk_keys(tokens, "fp", 128, salt="") == plain  # no salt: the keys stored chunks already have
+    # (namespace, salt) pairs never spell each other's seed
+    assert chunk_keys(tokens, "fp", 128, "x|y", salt="") != chunk_keys(tokens, "fp", 128, "x", salt="y")
+    assert chunk_keys(tokens, "fp", 128, "ab", salt="c") != chunk_keys(tokens, "fp", 128, "a", salt="bc")
+    # tails follow the salt too, with or without the full keys at hand
+    ta = tail_key(tokens, 599, "fp", 128, salt="tenant-a")
+    assert ta == tail_key(tokens, 599, "fp", 128, full_keys=a, salt="tenant-a")
+    assert ta not in (tail_key(tokens, 599, "fp", 128, salt="tenant-b"), tail_key(tokens, 599, "fp", 128))
+    assert tail_key(tokens[:100], 99, "fp", 128, salt="s") != tail_key(tokens[:100], 99, "fp", 128)
+
+
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.integers(0, 2**31 - 1), min_size=0, max_size=600), st.sampled_from([16, 64, 256]))
 def test_keys_are_prefix_chained(tokens: list[int], chunk: int) -> None:

@@ -52,7 +52,11 @@ class AgentProcess:
         cfg.setdefault("data_dir", str(self.workdir / "data"))
         self.config = cfg
         self.config_path = self.workdir / "agent.yaml"
-        self.config_path.write_text(yaml.safe_dump(cfg))
+        # Owner-only: the config may hold keys (registration.admin_key, transport.secret).
+        fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(fd, 0o600)
+            f.write(yaml.safe_dump(cfg))
         self.engine = list(engine)
         self.log_level = log_level
         self.env = dict(os.environ if env is None else env)

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from pdx.config import describe, load_config
-from pdx.deploy import DeployConfig, Deployment, WorkerSpec, stop_running
+from pdx.deploy.deployment import DeployConfig, Deployment, WorkerSpec, stop_running
 from pdx.errors import PdxError
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "local-1p1d.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "local-1p1d.yaml"
 
 #: words of generated text in the demo's long context (~1,700 tokens with the embedded tokenizer)
 DEMO_CONTEXT_WORDS = 1200
@@ -55,7 +55,7 @@ PDX_HITS = "vllm:external_prefix_cache_hits_total"  # loaded by PdxConnector fro
 
 def _worker_counts(dep: Deployment) -> dict[str, tuple[float, float, float]]:
     """Per worker: (prompt tokens seen, tokens found in vLLM's own prefix cache, tokens pdx loaded)."""
-    from pdx.engine.agent_engine import Metrics
+    from pdx.deploy.agent_engine import Metrics
 
     out = {}
     for name, w in dep.workers.items():
@@ -135,11 +135,12 @@ def run_demo(dep: Deployment) -> list[dict[str, Any]]:
 def _print_endpoint(dep: Deployment) -> None:
     _say(f"ready: OpenAI endpoint {dep.url}/v1 serving model '{dep.served_model_name}'")
     _say("try:")
-    auth = " -H 'Authorization: Bearer <proxy.api_key>'" if dep.api_headers else ""
+    key_file = dep.creds.api_key_file if dep.creds else None
+    auth = f" -H \"Authorization: Bearer $(cat {key_file})\"" if key_file else ""
     print(f"  curl -s {dep.url}/v1/completions -H 'Content-Type: application/json'{auth} \\\n"
           f"       -d '{{\"model\": \"{dep.served_model_name}\", \"prompt\": \"Once upon a time\", "
           f"\"max_tokens\": 16, \"temperature\": 0}}'", flush=True)
-    _say(f"metrics: {dep.url}/metrics   workers: {dep.url}/admin/workers")
+    _say(f"metrics: {dep.url}/metrics   workers: {dep.url}/admin/workers (admin key in {dep.workdir / 'proxy.yaml'})")
     _say(f"logs: {dep.run_root} while running (agents, engines), {dep.workdir} (proxy; the rest on stop)")
 
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pdx.agent.process import AgentProcess
+from pdx.deploy.process import AgentProcess
 from pdx.engine.vllm import VllmOptions, free_port, vllm_command
 
 #: the environment keys of vllm_command that the agent must hand to its engine
