@@ -142,7 +142,7 @@ def _admin_workers(url: str, headers: dict[str, str]) -> list[dict[str, Any]]:
 def _snapshot(workers: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Per worker: prompt tokens, tokens loaded through the connector, vLLM prefix-cache hits,
     and per agent tier the tokens of chunks it served (``tier:<name>``)."""
-    from pdx.engine.agent_engine import Metrics
+    from pdx.deploy.agent_engine import Metrics
 
     out: dict[str, dict[str, float]] = {}
     for w in workers:

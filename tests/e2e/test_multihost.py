@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from bench.netns import NetnsHosts, netns_unavailable
-from pdx.engine.agent_engine import AgentEngine, Metrics
+from pdx.deploy.agent_engine import AgentEngine, Metrics
 from pdx.engine.vllm import VllmServer
 from pdx.model import BuiltModel
 from pdx.model.text import paragraph
