@@ -33,15 +33,16 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pdx.agent.client import AgentClient
 from pdx.agent.jobs import Job
 from pdx.agent.loop import Deferred
 from pdx.agent.protocol import Op, Request
+from pdx.agent.trust import Expectations, Grant, KnownPeers, Session, Sessions
 from pdx.agent.types import ChunkResult, ChunkStatus, JobKind
 from pdx.errors import (
     AgentError,
@@ -50,11 +51,13 @@ from pdx.errors import (
     CapacityError,
     IntegrityError,
     PdxError,
+    PeerDenied,
     PeerIncompatible,
     ReservationError,
     StoreError,
     TransferCancelled,
     TransferTimeout,
+    WireError,
 )
 from pdx.keys import ChunkKey
 from pdx.store.types import Tier
@@ -65,17 +68,36 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pdx.agent.peers")
 
-#: peer session tokens kept at most (oldest dropped first).
-MAX_SESSIONS = 4096
 #: bytes per transfer group: each group is committed (and verified) while the next ones move.
 PIPELINE_BYTES = 4 * 1024 * 1024
 #: limit on waiting for the commits of one job (hashing what already landed; never I/O).
 COMMIT_WAIT_S = 60.0
 #: a challenge must be answered within this many seconds.
 CHALLENGE_TTL_S = 30.0
+#: owners of the pins a prefill keeps for the decode side (``pd:<request id>``): the decode agent
+#: that was granted all their keys may release them once its fetch is over.
+HANDOFF_PREFIX = "pd:"
+#: pending challenges kept at most.
+MAX_SESSIONS = 4096
 
 _OP_TO_CHUNK = {OpStatus.FAILED: ChunkStatus.FAILED, OpStatus.TIMEOUT: ChunkStatus.TIMEOUT,
                 OpStatus.CANCELLED: ChunkStatus.CANCELLED, OpStatus.CORRUPT: ChunkStatus.CORRUPT}
+
+
+def then(result: Any, fn: Callable[[Any], Any]) -> Any:
+    """``fn(result)``; for a ``Deferred``, a ``Deferred`` of ``fn`` applied to its result once it is done."""
+    if not isinstance(result, Deferred):
+        return fn(result)
+    out: Future[Any] = Future()
+
+    def chain(f: Future[Any]) -> None:
+        try:
+            out.set_result(fn(f.result()))
+        except BaseException as exc:  # the loop sends it as an error reply
+            out.set_exception(exc)
+
+    result.future.add_done_callback(chain)
+    return Deferred(out, result.timeout_s, result.on_timeout)
 
 
 def _mac(secret: str, label: bytes, a: bytes, b: bytes) -> bytes:
@@ -98,10 +120,13 @@ class PeerService:
 
     def __init__(self, server: AgentServer) -> None:
         self.server = server
-        self.secret = server.config.transport.secret
+        self.secret = server.secret
+        cfg = server.config
+        self.sessions = Sessions(lambda op: server.metrics.peer_denied.labels(op=op).inc())
+        self.expected = Expectations()
+        self.known = KnownPeers(cfg.transport.peers, bool(cfg.registration.proxy_url))
         self._links: dict[str, PeerLink] = {}
         self._links_lock = threading.Lock()
-        self._sessions: OrderedDict[bytes, float] = OrderedDict()
         self._challenges: OrderedDict[bytes, float] = OrderedDict()
         # Commits of received chunks (hashing) run here, beside the job threads; never waits on them.
         self._committer = ThreadPoolExecutor(1, thread_name_prefix="pdx-agent-commit")
@@ -110,27 +135,36 @@ class PeerService:
 
     def handlers(self) -> dict[Op, Any]:
         s = self.server
-        return {Op.PING: s.h_ping, Op.PEER_HELLO: self.h_hello, Op.PEER_PIN: self.h_pin,
-                Op.PEER_UNPIN: s.h_unpin, Op.PEER_RELEASE: self.h_release,
-                Op.PEER_RESERVE: self.h_reserve, Op.PEER_COMMIT: self.h_commit,
-                Op.PEER_ABORT: s.h_abort}
+        return {Op.PING: lambda a, _s: s.h_ping(a), Op.PEER_HELLO: self.h_hello, Op.PEER_PIN: self.h_pin,
+                Op.PEER_UNPIN: self.h_unpin, Op.PEER_RELEASE: self.h_release,
+                Op.PEER_RESERVE: self.h_reserve, Op.PEER_COMMIT: self.h_commit, Op.PEER_ABORT: self.h_abort}
 
-    def check_auth(self, req: Request) -> None:
-        """The peer endpoint's gate: with a secret, every op but hello/ping needs a session token."""
-        if not self.secret or req.op in (Op.PEER_HELLO, Op.PING):
-            return
-        if req.auth not in self._sessions:
+    def check_auth(self, req: Request) -> Session | None:
+        """The peer endpoint's gate: every op but hello/ping needs a live session token."""
+        if req.op in (Op.PEER_HELLO, Op.PING):
+            return None
+        try:
+            return self.sessions.get(req.auth)
+        except AuthError:
             self.server.metrics.auth_failures.inc()
-            raise AuthError("no valid peer session: do peer_hello (shared-secret challenge) first")
-        self._sessions.move_to_end(req.auth)
+            self.sessions.deny(None, req.op.value, "no valid session")
+            raise
 
-    def h_hello(self, a: dict[str, Any]) -> dict[str, Any]:
+    def quota(self) -> int:
+        """Slabs one peer may hold pinned or reserved here at once."""
+        store = self.server.store
+        count = store.slab_count if store is not None else 0
+        return max(1, int(count * self.server.config.control.peer_max_share))
+
+    def h_hello(self, a: dict[str, Any], _s: None) -> dict[str, Any]:
         srv = self.server
         _store, transport, layout = srv.require_store()
         if a["chunk_fingerprint"] and a["chunk_fingerprint"] != layout.chunk_fingerprint:
             raise PeerIncompatible(f"chunk fingerprint: peer {a['chunk_fingerprint']}, "
                                    f"this agent {layout.chunk_fingerprint}")
-        token = b""
+        if a["address"] and not self.known.name_matches(a["address"], a["agent_id"]):
+            raise self.sessions.deny(None, "peer_hello", f"{a['address']} is registered under another "
+                                     f"agent id than {a['agent_id']!r}")
         if self.secret:
             now = time.monotonic()
             if not a["proof"]:  # step 1: issue a challenge and prove we know the secret
@@ -144,41 +178,142 @@ class PeerService:
             if expires < now or not hmac.compare_digest(good, a["proof"]):
                 srv.metrics.auth_failures.inc()
                 raise AuthError("the peer failed the shared-secret challenge")
-            token = os.urandom(16)
-            self._sessions[token] = now
-            while len(self._sessions) > MAX_SESSIONS:
-                self._sessions.popitem(last=False)
+        session = self.sessions.open(a["agent_id"], a["address"])
         return {"agent_id": srv.agent_id, "instance": srv.instance, "chunk_fingerprint": layout.chunk_fingerprint,
                 "fingerprint": layout.fingerprint, "transport": transport.name,
-                "transport_address": srv.transport_address, "token": token, "secret": bool(self.secret)}
+                "transport_address": srv.transport_address, "token": session.token, "secret": bool(self.secret)}
 
-    def h_pin(self, a: dict[str, Any]) -> Any:
-        lease = min(a["lease_s"] or self.server.config.leases.remote_s, self.server.config.leases.max_s)
-        return self.server.pin_keys(a["keys"], a["owner"], lease, origin="peer")
+    def h_pin(self, a: dict[str, Any], s: Session) -> Any:
+        """Pin keys for the peer (under an owner private to its session) and grant it their ranges."""
+        srv = self.server
+        srv.require_store()
+        lease = min(a["lease_s"] or srv.config.leases.remote_s, srv.config.leases.max_s)
+        keys: list[bytes] = a["keys"]
+        with self.sessions.lock:
+            room = max(0, self.quota() - s.held(time.monotonic()))
+            s.owners.add(a["owner"])
+        if room < len(keys):
+            self.sessions.deny(s, "peer_pin", f"quota: at most {self.quota()} slabs per peer")
+        owner = s.owner(a["owner"])
+        granted, refused = keys[:room], keys[room:]
 
-    def h_release(self, a: dict[str, Any]) -> int:
-        """Drop pins held under ``owner`` (a fetch's, or the request's the peer named as remote_owner)."""
-        store = self.server.store
-        n = store.release_owner(a["owner"]) if store is not None else 0
+        def grant(rows: list[list[Any]]) -> list[list[Any]]:
+            now = time.monotonic()
+            with self.sessions.lock:
+                for lid, k, off, nb, _c, _n, left in rows:
+                    if lid:
+                        s.add(s.pins, lid, Grant(off, nb, now + left, k, a["owner"]))
+            return rows + [[0, k, 0, 0, 0, 0, 0.0] for k in refused]
+
+        return then(srv.pin_keys(granted, owner, lease, origin="peer"), grant)
+
+    def h_unpin(self, a: dict[str, Any], s: Session) -> int:
+        store, _t, _l = self.server.require_store()
+        ids = a["lease_ids"]
+        with self.sessions.lock:
+            foreign = [i for i in ids if i not in s.pins]
+        if foreign:
+            raise self.sessions.deny(s, "peer_unpin", f"lease {foreign[0]} was not granted to this peer")
+        n = sum(bool(store.unpin(lid)) for lid in ids)
+        with self.sessions.lock:
+            for lid in ids:
+                s.drop_pin(lid)
         self.server.metrics.leases_released.inc(n)
         return n
 
-    def h_reserve(self, a: dict[str, Any]) -> list[list[Any]]:
+    def h_release(self, a: dict[str, Any], s: Session) -> int:
+        """Drop the pins of one of the peer's own owners, or of a request's hand-off owner (``pd:<id>``:
+        the chunks a prefill kept for the decode side) whose keys were all granted to this peer."""
         store, _t, _l = self.server.require_store()
-        keys = a["keys"]
-        present = store.lookup(keys).tiers
-        out: list[list[Any]] = []
+        name = a["owner"]
+        with self.sessions.lock:
+            own = name in s.owners
+        if own:
+            n = store.release_owner(s.owner(name))
+            with self.sessions.lock:
+                s.owners.discard(name)
+                s.drop_owner_pins([lid for lid, g in s.pins.items() if g.owner == name])
+        else:
+            keys = store.owner_keys(name) if name.startswith(HANDOFF_PREFIX) else []
+            with self.sessions.lock:
+                ok = bool(keys) and all(k in s.keys for k in keys)
+            if not ok:
+                raise self.sessions.deny(s, "peer_release", f"owner {name!r} is not this peer's")
+            n = store.release_owner(name)
+        self.server.metrics.leases_released.inc(n)
+        return n
+
+    def h_reserve(self, a: dict[str, Any], s: Session) -> list[list[Any]]:
+        """Reserve slabs for a push: only for keys this agent asked for (``expect``), within the quota."""
+        store, _t, _l = self.server.require_store()
+        keys: list[bytes] = a["keys"]
+        unasked = next((k for k in keys if not self.expected.expected(k)), None)
+        if unasked is not None:
+            raise self.sessions.deny(s, "peer_reserve", f"chunk {unasked.hex()[:16]} was not asked for")
         nbytes = a["nbytes"]
+        if not isinstance(nbytes, int) and len(nbytes) != len(keys):
+            raise WireError("peer_reserve: 'nbytes' must be one size or one per key")
+        present = store.lookup([ChunkKey(k) for k in keys]).tiers
+        out: list[list[Any]] = []
+        now = time.monotonic()
+        with self.sessions.lock:
+            room = max(0, self.quota() - s.held(now))
+        over = False
         for i, key in enumerate(keys):
             if present[i] is Tier.L1:
                 out.append([0, 0, 0, "present"])
                 continue
+            if room <= 0:
+                over = True
+                out.append([0, 0, 0, f"capacity: at most {self.quota()} slabs per peer"])
+                continue
             nb = nbytes if isinstance(nbytes, int) else nbytes[i]
-            out.append(self.server.reserve_one(key, nb))
+            try:
+                res = store.reserve(ChunkKey(key), nb)
+            except CapacityError as exc:
+                out.append([0, 0, 0, f"capacity: {exc}"])
+                continue
+            except StoreError as exc:
+                out.append([0, 0, 0, str(exc)])
+                continue
+            room -= 1
+            with self.sessions.lock:
+                s.add(s.reservations, res.id, Grant(res.offset, res.nbytes, res.expires_at, key))
+            out.append([res.id, res.offset, res.nbytes, ""])
+        if over:
+            self.sessions.deny(s, "peer_reserve", f"quota: at most {self.quota()} slabs per peer")
         return out
 
-    def h_commit(self, a: dict[str, Any]) -> Deferred:
-        return self.server.h_commit(a)
+    def _own_reservations(self, s: Session, ids: list[int], op: str) -> list[bytes]:
+        with self.sessions.lock:
+            foreign = [i for i in ids if i not in s.reservations]
+            if not foreign:
+                return [s.reservations[i].key for i in ids]
+        raise self.sessions.deny(s, op, f"reservation {foreign[0]} was not made for this peer")
+
+    def h_commit(self, a: dict[str, Any], s: Session) -> Deferred:
+        keys = self._own_reservations(s, a["ids"], "peer_commit")
+
+        def done(errs: list[str]) -> list[str]:
+            with self.sessions.lock:
+                for rid in a["ids"]:
+                    s.drop_reservation(rid)
+            self.expected.fulfilled(k for k, e in zip(keys, errs) if not e)
+            return errs
+
+        return cast(Deferred, then(self.server.h_commit(a), done))
+
+    def h_abort(self, a: dict[str, Any], s: Session) -> int:
+        self._own_reservations(s, a["ids"], "peer_abort")
+        n = self.server.h_abort(a)
+        with self.sessions.lock:
+            for rid in a["ids"]:
+                s.drop_reservation(rid)
+        return n
+
+    def data_guard(self, token: bytes, write: bool, ranges: Sequence[Sequence[int]]) -> str:
+        """The transport's data-plane check (tcp serving threads): see ``Sessions.data_guard``."""
+        return self.sessions.data_guard(token, write, ranges)
 
     # --- links (worker threads) ----------------------------------------------------------------
 
@@ -197,6 +332,8 @@ class PeerService:
         try:
             info = self._hello(client, layout.chunk_fingerprint, hello_s)
             peer = transport.connect(info["transport_address"], timeout=timeout)
+            # the data plane presents the same session: the peer serves only what it granted to it
+            transport.set_session(peer.peer_id, client.auth)
         except BaseException:
             client.close()
             raise
@@ -215,7 +352,8 @@ class PeerService:
 
     def _hello(self, client: AgentClient, chunk_fp: str, timeout: float) -> dict[str, Any]:
         nonce = os.urandom(16)
-        args: dict[str, Any] = {"agent_id": self.server.agent_id, "chunk_fingerprint": chunk_fp, "nonce": nonce}
+        args: dict[str, Any] = {"agent_id": self.server.agent_id, "address": self.server.peer_address,
+                                "chunk_fingerprint": chunk_fp, "nonce": nonce}
         reply = client.call(Op.PEER_HELLO, args, timeout)
         if not isinstance(reply, dict):
             raise AgentError("peer_hello: bad reply")
@@ -227,9 +365,12 @@ class PeerService:
                 raise AuthError(f"peer at {client.address} failed the shared-secret challenge")
             args.update(server_nonce=challenge, proof=_mac(self.secret, b"C", challenge, nonce))
             reply = client.call(Op.PEER_HELLO, args, timeout)
-            client.auth = bytes(reply["token"])
         elif self.secret:
             raise AuthError(f"a shared secret is configured here but the peer at {client.address} has none")
+        token = reply.get("token") if isinstance(reply, dict) else None
+        if not isinstance(token, bytes) or not token:
+            raise AgentError(f"peer at {client.address}: peer_hello answered no session token")
+        client.auth = token
         return reply
 
     def drop_link(self, address: str) -> None:
@@ -268,8 +409,9 @@ class PeerService:
             nbytes = fn(job, results, **kw)
         except (PdxError, OSError) as exc:
             error = f"{type(exc).__name__}: {exc}"
-            if isinstance(exc, AgentUnavailable):
-                self.drop_link(job.peer)
+            if isinstance(exc, AgentUnavailable) or (isinstance(exc, AuthError) and
+                                                     not isinstance(exc, PeerDenied)):
+                self.drop_link(job.peer)  # dead, restarted, or our session expired: hello again next time
             log.warning("%s job %d (request %s) with %s failed: %s", job.kind.value, job.id, job.request_id,
                         job.peer, error)
         except Exception as exc:

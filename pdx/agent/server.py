@@ -25,6 +25,7 @@ their creation; ``status()`` and ``ready()`` may be called from any thread.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
@@ -41,6 +42,7 @@ from pdx.agent.loop import ControlLoop, Deferred, Endpoint
 from pdx.agent.metrics import AgentMetrics
 from pdx.agent.peers import PeerService
 from pdx.agent.protocol import LOCAL_OPS, WIRE_VERSION
+from pdx.agent.trust import check_bind, load_secret
 from pdx.agent.types import JobKind, JobState
 from pdx.config import AgentConfig, data_dir
 from pdx.errors import (
@@ -49,6 +51,7 @@ from pdx.errors import (
     IntegrityError,
     LayoutError,
     NotRegistered,
+    PeerDenied,
     ReservationError,
     StoreError,
     WireError,
@@ -79,6 +82,9 @@ class AgentServer:
         self.agent_id = config.name or default_name(config.role)
         self.instance = secrets.token_hex(8)
         self.data_dir = Path(data_path) if data_path is not None else data_dir(config.data_dir)
+        #: the deployment secret (``transport.secret`` or ``transport.secret_file``); raises ConfigError
+        self.secret = load_secret(config.transport)
+        check_bind(config, self.secret)
         self.metrics = AgentMetrics()
         self.loop = ControlLoop(self.instance, self.metrics, config.control.max_frame)
         self.jobs = JobTable(config.control.job_retention_s, config.control.max_jobs, on_done=self._job_done)
@@ -235,7 +241,10 @@ class AgentServer:
         store = ChunkStore.from_layout(cfg.store, layout, self.data_dir,
                                        metrics=StoreMetrics(self.metrics.registry))
         try:
-            transport = create(cfg.transport.backend, cfg.transport, layout.chunk_fingerprint)
+            tcfg = dataclasses.replace(cfg.transport, secret=self.secret, secret_file="")
+            transport = create(cfg.transport.backend, tcfg, layout.chunk_fingerprint)
+            transport.guard = self.peers.data_guard
+            transport.on_denied = lambda op: self.metrics.peer_denied.labels(op=op).inc()
             try:
                 transport.register(MemoryRegion(store.pool.nbytes, MemoryKind.HOST, store.pool.buffer,
                                                 name=store.pool_name))
@@ -359,6 +368,7 @@ class AgentServer:
     def h_release(self, a: dict[str, Any]) -> int:
         """Drop the owner's pins and cancel its transfers (a finished or aborted request)."""
         owner = a["owner"]
+        self.peers.expected.forget(owner)
         for job in self.jobs.active_jobs():
             if job.request_id == owner:
                 self.jobs.cancel(job.id)
@@ -372,6 +382,12 @@ class AgentServer:
         self.require_store()
         if self._draining:
             raise AgentError("the agent is shutting down: no new transfers")
+        if not self.peers.known.knows(a["peer"]):
+            self.metrics.unknown_peers.inc()
+            log.warning("refused a %s with %s: not an agent of this deployment (neither registered with the "
+                        "same proxy nor in transport.peers)", kind.value, a["peer"])
+            raise PeerDenied(f"{kind.value}: {a['peer']} is not a known agent of this deployment (register it "
+                             "with the same proxy or list it in transport.peers)")
         deadline = time.monotonic() + (a["deadline_s"] or self.config.transport.transfer_timeout_s)
         job = self.jobs.create(kind, a["request_id"], a["peer"], a["keys"], deadline)
         self.metrics.jobs_active.set(self.jobs.active)
@@ -383,6 +399,13 @@ class AgentServer:
 
     def h_send(self, a: dict[str, Any]) -> int:
         return self._start_job(JobKind.SEND, a)
+
+    def h_expect(self, a: dict[str, Any]) -> int:
+        """Accept pushes (a peer's ``send``) of ``keys`` until the deadline: the only keys a peer may
+        reserve here. ``release(request_id)`` withdraws them."""
+        self.peers.expected.add(a["keys"], a["request_id"],
+                                a["deadline_s"] or self.config.transport.transfer_timeout_s)
+        return len(a["keys"])
 
     def _job(self, job_id: int) -> Job:
         job = self.jobs.get(job_id)
