@@ -125,6 +125,9 @@ class PeerService:
         self.sessions = Sessions(lambda op: server.metrics.peer_denied.labels(op=op).inc())
         self.expected = Expectations()
         self.known = KnownPeers(cfg.transport.peers, bool(cfg.registration.proxy_url))
+        #: asks the proxy for its current list of agents (set when registration is on); blocking
+        self.refresh_known: Callable[[], object] | None = None
+        self._refreshed = 0.0
         self._links: dict[str, PeerLink] = {}
         self._links_lock = threading.Lock()
         self._challenges: OrderedDict[bytes, float] = OrderedDict()
@@ -398,6 +401,23 @@ class PeerService:
         run = self._fetch if job.kind is JobKind.FETCH else self._send
         return executor.submit(self._run, run, job, kw)
 
+    def check_known(self, address: str) -> None:
+        """Raise ``PeerDenied`` (counted) unless ``address`` is an agent of this deployment; an unknown
+        one first makes us ask the proxy again (at most once a second: it may have just registered)."""
+        if self.known.knows(address):
+            return
+        now = time.monotonic()
+        if self.refresh_known is not None and now - self._refreshed > 1.0:
+            self._refreshed = now
+            self.refresh_known()
+            if self.known.knows(address):
+                return
+        self.server.metrics.unknown_peers.inc()
+        log.warning("refused to dial %s: not an agent of this deployment (neither registered with the same "
+                    "proxy nor in transport.peers); the engine recomputes", address)
+        raise PeerDenied(f"{address} is not a known agent of this deployment (register it with the same "
+                         "proxy or list it in transport.peers)")
+
     def _run(self, fn: Any, job: Job, kw: dict[str, Any]) -> None:
         srv = self.server
         if not srv.jobs.start(job):
@@ -406,6 +426,7 @@ class PeerService:
         error = ""
         nbytes = 0
         try:
+            self.check_known(job.peer)
             nbytes = fn(job, results, **kw)
         except (PdxError, OSError) as exc:
             error = f"{type(exc).__name__}: {exc}"

@@ -51,7 +51,6 @@ from pdx.errors import (
     IntegrityError,
     LayoutError,
     NotRegistered,
-    PeerDenied,
     ReservationError,
     StoreError,
     WireError,
@@ -382,12 +381,6 @@ class AgentServer:
         self.require_store()
         if self._draining:
             raise AgentError("the agent is shutting down: no new transfers")
-        if not self.peers.known.knows(a["peer"]):
-            self.metrics.unknown_peers.inc()
-            log.warning("refused a %s with %s: not an agent of this deployment (neither registered with the "
-                        "same proxy nor in transport.peers)", kind.value, a["peer"])
-            raise PeerDenied(f"{kind.value}: {a['peer']} is not a known agent of this deployment (register it "
-                             "with the same proxy or list it in transport.peers)")
         deadline = time.monotonic() + (a["deadline_s"] or self.config.transport.transfer_timeout_s)
         job = self.jobs.create(kind, a["request_id"], a["peer"], a["keys"], deadline)
         self.metrics.jobs_active.set(self.jobs.active)

@@ -135,7 +135,6 @@ class Session:
     by_offset: dict[int, set[int]] = field(default_factory=dict)  # offset -> lease/reservation ids
     owners: set[str] = field(default_factory=set)  # owner names this peer pinned under
     keys: OrderedDict[bytes, None] = field(default_factory=OrderedDict)  # keys it was granted
-    streams: int = 0
     denied: set[str] = field(default_factory=set)  # ops already logged
 
     @property
@@ -267,28 +266,6 @@ class Sessions:
                 return ""
         self.deny(s, op, why)
         return why
-
-    def stream_opened(self, token: bytes, cap: int) -> bool:
-        """Count one data stream of the session; False (refused, counted) past ``cap``."""
-        s = self.find(token) if isinstance(token, bytes) else None
-        if s is None:
-            self.deny(None, "data_stream", "no valid peer session")
-            return False
-        with self.lock:
-            if s.streams >= cap:
-                over = True
-            else:
-                s.streams += 1
-                over = False
-        if over:
-            self.deny(s, "data_stream", f"more than {cap} data streams")
-        return not over
-
-    def stream_closed(self, token: bytes) -> None:
-        with self.lock:
-            s = self._by_token.get(token) if isinstance(token, bytes) else None
-            if s is not None and s.streams > 0:
-                s.streams -= 1
 
 
 # --- keys this agent asked for; peers it may dial ------------------------------------------------
