@@ -17,6 +17,8 @@ session and op). Thread-safe: one lock per table, every method a few dict operat
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import logging
 import os
@@ -44,6 +46,11 @@ MAX_SESSIONS = 4096
 MAX_SESSION_KEYS = 65536
 #: keys this agent expects pushes for, at most.
 MAX_EXPECTED = 1 << 20
+
+
+def mac(secret: str, label: bytes, a: bytes, b: bytes) -> bytes:
+    """HMAC-SHA256 of ``label | a | b`` under the secret: both directions of the challenge."""
+    return hmac.new(secret.encode(), label + a + b, hashlib.sha256).digest()
 
 
 # --- the deployment secret --------------------------------------------------------------------

@@ -32,9 +32,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pdx.agent.client import AgentClient
-from pdx.agent.peers import _mac
 from pdx.agent.process import AgentProcess
 from pdx.agent.protocol import Op
+from pdx.agent.trust import mac
 from pdx.agent.types import ChunkStatus
 from pdx.checksum import checksum
 from pdx.config import TransportConfig
@@ -110,7 +110,7 @@ class Rogue:
         args: dict[str, Any] = {"agent_id": "rogue", "chunk_fingerprint": victim.reg.chunk_fingerprint,
                                 "nonce": nonce}
         ch = self.client.call(Op.PEER_HELLO, args)
-        args.update(server_nonce=ch["challenge"], proof=_mac(secret, b"C", ch["challenge"], nonce))
+        args.update(server_nonce=ch["challenge"], proof=mac(secret, b"C", ch["challenge"], nonce))
         self.hello = self.client.call(Op.PEER_HELLO, args)
         self.client.auth = self.hello["token"]
         self.region = bytearray(4 * 1024 * 1024)
