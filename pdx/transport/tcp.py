@@ -438,13 +438,14 @@ class TcpTransport(SideChannelPeers, Transport):
         idle_s = self.config.stream_idle_s
         last = time.monotonic()
         try:
+            # A peer that stops mid-frame must not hold this thread for ever: kernel timeouts on
+            # each recv/send (the socket stays blocking, so MSG_WAITALL keeps working).
+            arm(sock, last + self.config.transfer_timeout_s)
             while conn.alive and not self._closed:
                 if not poller.poll(500):
                     if time.monotonic() - last > idle_s:
                         raise TransportError(f"idle for more than {idle_s:g}s")
                     continue
-                # a peer that stops mid-frame must not hold this thread for ever
-                sock.settimeout(self.config.transfer_timeout_s)
                 head = recv_frame(sock)
                 last = time.monotonic()
                 if head["t"] == "w":
