@@ -97,7 +97,12 @@ def is_loopback(host: str) -> bool:
 
 
 def check_bind(cfg: AgentConfig, secret: str) -> None:
-    """Refuse (``ConfigError``) to serve peers on a non-loopback address without a secret."""
+    """Refuse (``ConfigError``) to serve peers on a non-loopback address without a secret, and the
+    local control socket (unauthenticated: it serves the engine beside the agent) off loopback."""
+    control = cfg.control.address
+    if control.startswith("tcp://") and not is_loopback(host_of(control)):
+        raise ConfigError(f"control.address {control!r} is not on loopback: the control socket serves the engine "
+                          "beside this agent and has no authentication; use ipc:// or tcp://127.0.0.1:PORT")
     if secret or is_loopback(cfg.transport.host):
         return
     raise ConfigError(

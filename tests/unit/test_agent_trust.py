@@ -59,6 +59,10 @@ def test_no_secret_off_loopback_refuses_to_start() -> None:
     with pytest.raises(ConfigError, match="not a loopback address, and no deployment secret"):
         check_bind(public, "")
     check_bind(public, "s3cret")
+    remote_ctl = dataclasses.replace(cfg, control=dataclasses.replace(cfg.control, address="tcp://0.0.0.0:5555"))
+    with pytest.raises(ConfigError, match=r"control socket .* no authentication"):
+        check_bind(remote_ctl, "s3cret")
+    check_bind(dataclasses.replace(cfg, control=dataclasses.replace(cfg.control, address="tcp://127.0.0.1:5")), "")
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.1") and not is_loopback("myhost")
 
