@@ -14,13 +14,14 @@ import hmac
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from pdx.agent.client import AgentClient
 from pdx.agent.context import AgentContext
 from pdx.agent.protocol import Op
-from pdx.agent.trust import mac
+from pdx.agent.trust import SESSION_IDLE_S, SESSION_MAX_S, mac
 from pdx.errors import AgentError, AuthError
 
 log = logging.getLogger("pdx.agent.peers")
@@ -35,6 +36,13 @@ class PeerLink:
     agent_id: str
     transport_peer: Any  # pdx.transport.base.PeerId
     transport_address: str
+    created: float = 0.0  # monotonic time of the hello
+    used: float = 0.0  # last time a job took this link
+
+    def stale(self, now: float) -> bool:
+        """True when the peer may have let our session lapse (``pdx.agent.trust``): say hello again
+        before a job, rather than have that job fail on an expired token."""
+        return now - self.used > SESSION_IDLE_S / 2 or now - self.created > SESSION_MAX_S * 0.9
 
 
 class Links:
@@ -48,10 +56,14 @@ class Links:
 
     def link(self, address: str, timeout: float) -> PeerLink:
         """The session with the peer at ``address`` (hello + transport connect on first use)."""
+        now = time.monotonic()
         with self._links_lock:
             link = self._links.get(address)
+            if link is not None and not link.stale(now):
+                link.used = now
+                return link
         if link is not None:
-            return link
+            self.drop_link(address)
         ctx = self.ctx
         _store, transport, layout = ctx.require_store()
         # A dead peer answers nothing (ZMQ connects lazily): the hello, not the job's whole
@@ -66,7 +78,8 @@ class Links:
         except BaseException:
             client.close()
             raise
-        link = PeerLink(address, client, str(info["agent_id"]), peer.peer_id, str(info["transport_address"]))
+        link = PeerLink(address, client, str(info["agent_id"]), peer.peer_id, str(info["transport_address"]),
+                        created=now, used=now)
         client.on_restart = lambda _inst, a=address: self.drop_link(a)
         with self._links_lock:
             old = self._links.get(address)

@@ -213,3 +213,13 @@ def test_send_pushes_and_a_refusal_fails_each_chunk(world: World) -> None:
     info = world.run(JobKind.SEND, more)
     assert [c.status for c in info.chunks] == [ChunkStatus.FAILED] and "PeerDenied" in info.error
     assert world.local.stats().leases == 0  # the send's own pins are dropped either way
+
+
+def test_a_link_says_hello_again_before_the_peer_lets_its_session_lapse() -> None:
+    from pdx.agent.trust import SESSION_IDLE_S, SESSION_MAX_S
+
+    link = PeerLink("a", None, "p", "id", "t", created=100.0, used=100.0)  # type: ignore[arg-type]
+    assert not link.stale(101.0)
+    assert link.stale(100.0 + SESSION_IDLE_S / 2 + 1)  # unused for long: the peer may have forgotten it
+    link.used = 100.0 + SESSION_MAX_S
+    assert link.stale(100.0 + SESSION_MAX_S)  # close to the token's absolute limit
