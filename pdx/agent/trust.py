@@ -213,6 +213,7 @@ class Sessions:
         self._idle_s = idle_s
         self._max_s = max_s
         self._by_token: OrderedDict[bytes, Session] = OrderedDict()
+        self._anonymous_denied: set[str] = set()  # ops refused without a session, already logged
         self.lock = threading.RLock()
 
     def open(self, agent_id: str, address: str) -> Session:
@@ -252,9 +253,9 @@ class Sessions:
         self._on_denied(op)
         who = f"{session.agent_id or '?'} (session {session.sid})" if session is not None else "unknown peer"
         with self.lock:
-            first = session is None or op not in session.denied
-            if session is not None:
-                session.denied.add(op)
+            seen = session.denied if session is not None else self._anonymous_denied
+            first = op not in seen
+            seen.add(op)
         if first:
             log.warning("refused %s from %s: %s", op, who, why)
         return PeerDenied(f"{op}: {why}")

@@ -122,6 +122,10 @@ def test_deny_counts_every_refusal_and_logs_once(caplog: pytest.LogCaptureFixtur
         assert isinstance(ss.deny(s, "peer_unpin", "not yours"), PeerDenied)
     assert denied == ["peer_unpin"] * 3
     assert sum("refused peer_unpin" in r.getMessage() for r in caplog.records) == 1
+    for _ in range(3):  # without a session: counted each time, logged once
+        ss.deny(None, "peer_pin", "no valid session")
+    assert denied.count("peer_pin") == 3
+    assert sum("refused peer_pin" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_expectations() -> None:
