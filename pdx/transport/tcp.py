@@ -274,6 +274,7 @@ class TcpTransport(SideChannelPeers, Transport):
         self._serving: dict[PeerId, set[socket.socket]] = collections.defaultdict(set)
         self._tickets: dict[bytes, Future[socket.socket]] = {}
         self._sessions: dict[PeerId, bytes] = {}
+        self._denied_logged: set[tuple[PeerId, str]] = set()
         self._closed = False
 
     # -- Transport --
@@ -427,12 +428,14 @@ class TcpTransport(SideChannelPeers, Transport):
         cap = self.config.max_streams_per_peer
         with self._lock:
             over = len(self._serving[conn.peer_id]) >= cap
-            if self._closed or not conn.alive or over:
-                sock.close()
-                if over:
-                    self._denied("data_stream", conn, f"more than {cap} data streams")
-                return
-            self._serving[conn.peer_id].add(sock)
+            refuse = self._closed or not conn.alive or over
+            if not refuse:
+                self._serving[conn.peer_id].add(sock)
+        if refuse:
+            sock.close()
+            if over:
+                self._denied("data_stream", conn, f"more than {cap} data streams")
+            return
         poller = select.poll()
         poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
         idle_s = self.config.stream_idle_s
@@ -474,7 +477,12 @@ class TcpTransport(SideChannelPeers, Transport):
         return ops
 
     def _denied(self, op: str, conn: PeerConnection, why: str) -> None:
-        log.warning("refused a %s from %s: %s", op, conn.peer_id, why)
+        with self._lock:
+            first = (conn.peer_id, op) not in self._denied_logged
+            if first and len(self._denied_logged) < 4096:
+                self._denied_logged.add((conn.peer_id, op))
+        if first:  # every refusal is counted (on_denied); each peer's kind logged once
+            log.warning("refused a %s from %s: %s", op, conn.peer_id, why)
         if self.on_denied is not None:
             self.on_denied(op)
 
