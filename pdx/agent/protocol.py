@@ -35,8 +35,9 @@ import msgpack
 import pdx.errors as _errors
 from pdx.errors import AgentError, PdxError, WireError
 
-#: bumped on any incompatible change of the envelope, an op's arguments or its result.
-WIRE_VERSION = 1
+#: bumped on any incompatible change of the envelope, an op's arguments or its result
+#: (2: peer sessions for every peer op, ``peer_hello`` names the caller's address, ``expect``).
+WIRE_VERSION = 2
 
 #: default bound on one frame (the server's ``control.max_frame`` overrides it).
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
@@ -119,12 +120,6 @@ def _u64(name: str, v: Any) -> int:
     if type(v) is not int or not 0 <= v <= _U64:
         raise _bad(name, "a non-negative integer", v)
     return v
-
-
-def _pos_float(name: str, v: Any) -> float:
-    if type(v) not in (int, float) or not math.isfinite(v) or v <= 0:
-        raise _bad(name, "a positive number", v)
-    return float(v)
 
 
 def _bounded(limit: float) -> Callable[[str, Any], float]:
