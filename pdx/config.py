@@ -188,9 +188,14 @@ class TransportConfig:
     backend: str = doc_field("tcp", "tcp, shm, nixl, ucx or cuda_ipc")
     host: str = doc_field("127.0.0.1", "address peers connect to; loopback unless configured")
     port: int = doc_field(0, "port of the handshake listener; 0 = any free port")
-    secret: str = doc_field("", "shared secret for the peer challenge; empty = no challenge")
-    secret_file: str = doc_field(
-        "", "path to a file holding the deployment secret; group/other-readable files are refused")
+    secret: str = doc_field("", "deployment secret for the peer challenge (prefer secret_file); empty = none: "
+                            "then the agent refuses to bind a non-loopback host")
+    secret_file: str = doc_field("", "file holding the deployment secret (must not be readable by group or "
+                                 "others); used when secret is empty")
+    peers: list[str] = doc_field([], "peer-socket addresses (tcp://host:port) this agent may fetch from, "
+                                 "besides the agents registered with the same proxy")
+    max_streams_per_peer: int = doc_field(16, "data streams one peer may hold open to this agent (tcp)")
+    stream_idle_s: float = doc_field(300.0, "a data stream that carries nothing this long is closed (tcp)")
     connect_timeout_s: float = doc_field(5.0, "limit on connecting and the handshake")
     transfer_timeout_s: float = doc_field(30.0, "default deadline of one batch")
     heartbeat_s: float = doc_field(1.0, "peer liveness probe interval")
@@ -226,6 +231,8 @@ class ControlConfig:
     job_retention_s: float = doc_field(300.0, "finished jobs stay queryable (job_status, wait) this long")
     max_jobs: int = doc_field(4096, "jobs kept at most (oldest finished ones are dropped first)")
     drain_timeout_s: float = doc_field(30.0, "on SIGTERM, how long in-flight transfers may take to finish")
+    peer_max_share: float = doc_field(0.5, "most of the pool one peer may hold pinned or reserved at once "
+                                      "(0 < share <= 1); the rest stays for the local engine and other peers")
 
     def validate(self) -> None:
         _port(self, "peer_port")
@@ -338,6 +345,15 @@ class AgentConfig:
             raise ConfigError("registration.summary_fp_rate: must be between 0 and 1")
         if self.leases.remote_s <= 0 or self.leases.max_s <= 0 or self.leases.sweep_s <= 0:
             raise ConfigError("leases: remote_s, max_s and sweep_s must be positive")
+        if not 0 < self.control.peer_max_share <= 1:
+            raise ConfigError("control.peer_max_share: must be above 0 and at most 1")
+        if self.transport.max_streams_per_peer < 1:
+            raise ConfigError("transport.max_streams_per_peer: must be at least 1")
+        if self.transport.stream_idle_s <= 0:
+            raise ConfigError("transport.stream_idle_s: must be positive")
+        for addr in self.transport.peers:
+            if not addr.startswith("tcp://"):
+                raise ConfigError(f"transport.peers: expected tcp://HOST:PORT peer-socket addresses, got {addr!r}")
 
 
 @dataclass(frozen=True)

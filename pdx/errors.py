@@ -72,6 +72,11 @@ class AuthError(TransportError):
     """The shared-secret challenge failed."""
 
 
+class PeerDenied(AuthError):
+    """An authenticated peer asked for something outside its grants (another session's ids, a range
+    it was not granted, a key this agent did not ask for, more than its quota)."""
+
+
 class TransferCancelled(TransportError):
     """The transfer was cancelled by the caller."""
 

@@ -367,7 +367,8 @@ class ProxyServer:
         self.metrics.registrations.labels("leaving" if msg.leaving else "ok").inc()
         now = self.registry.clock()
         return web.json_response({"worker_id": w.id, "state": w.state(now).value,
-                                  "heartbeat_timeout_s": w.heartbeat_timeout_s})
+                                  "heartbeat_timeout_s": w.heartbeat_timeout_s,
+                                  "peers": self.registry.peers()})
 
     async def _workers(self, request: web.Request) -> web.Response:
         if not self._key_ok(request, self._admin_key):

@@ -192,7 +192,8 @@ def run(cfg: AgentConfig, engine_cmd: list[str], log_level: str = "INFO") -> int
                 return build_announcement(server, next(seq), leaving,
                                           keys=store.keys if store is not None else None)
 
-            announcer = Announcer(cfg.registration, snapshot, server.metrics)
+            announcer = Announcer(cfg.registration, snapshot, server.metrics, on_peers=server.peers.known.update)
+            server.peers.refresh_known = lambda: announcer.announce(leaving=False)
             announcer.start()
         info = {"agent_id": name, "pid": os.getpid(), "instance": server.instance, "role": cfg.role,
                 "control_address": server.control_address, "peer_address": server.peer_address,

@@ -284,6 +284,15 @@ class AgentClient:
             args["deadline_s"] = deadline_s
         return int(self.call(Op.SEND, args, timeout))
 
+    def expect(self, keys: Sequence[bytes], request_id: str, deadline_s: float | None = None,
+               timeout: float | None = None) -> int:
+        """Let peers push ``keys`` into this agent (their ``send``) until ``deadline_s``; a peer may
+        reserve nothing else here. ``release(request_id)`` withdraws them."""
+        args: dict[str, Any] = {"keys": list(keys), "request_id": request_id}
+        if deadline_s:
+            args["deadline_s"] = deadline_s
+        return int(self.call(Op.EXPECT, args, timeout))
+
     def job_status(self, job_id: int, timeout: float | None = None) -> JobInfo:
         return JobInfo.from_wire(self.call(Op.JOB_STATUS, {"job_id": job_id}, timeout))
 

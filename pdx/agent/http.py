@@ -6,7 +6,8 @@
 * ``GET /metrics``: Prometheus text of the agent's registry (store + agent series).
 * ``GET /v1/status``: JSON: role, layout, pool usage, tiers, peers, engine pid and restarts.
 
-Served by the standard library's threading HTTP server on its own threads; the
+Served by the standard library's threading HTTP server on at most ``MAX_THREADS`` threads, each
+request with a ``REQUEST_TIMEOUT_S`` socket timeout (a slow client cannot pin them); the
 callbacks it calls (``health``, ``ready``, ``status``) must be thread-safe and quick.
 ``HttpEndpoint.close()`` is idempotent.
 """
@@ -26,6 +27,39 @@ from pdx.errors import ConfigError
 
 log = logging.getLogger("pdx.agent.http")
 
+#: requests served at once; more connections are closed at once (a scrape is quick).
+MAX_THREADS = 16
+#: a client that sends nothing (or too slowly) for this long is dropped.
+REQUEST_TIMEOUT_S = 10.0
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """A threading server with at most ``MAX_THREADS`` handler threads."""
+
+    daemon_threads = True
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._slots = threading.BoundedSemaphore(MAX_THREADS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            log.warning("http: %d requests in progress; closing a connection from %s", MAX_THREADS,
+                        client_address[0])
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
 
 class HttpEndpoint:
     """Serve the four paths on ``host:port`` (0 = a free port; see ``url``)."""
@@ -37,6 +71,7 @@ class HttpEndpoint:
 
         class Handler(BaseHTTPRequestHandler):
             server_version = "pdx-agent"
+            timeout = REQUEST_TIMEOUT_S  # socket timeout: a silent or slow client is dropped
 
             def do_GET(self) -> None:
                 endpoint._get(self)
@@ -49,10 +84,9 @@ class HttpEndpoint:
         self._ready = ready
         self._status = status
         try:
-            self._server = ThreadingHTTPServer((host, port), Handler)
+            self._server = _BoundedServer((host, port), Handler)
         except OSError as exc:
             raise ConfigError(f"http: cannot listen on {host}:{port}: {exc.strerror}") from exc
-        self._server.daemon_threads = True
         h, p = self._server.server_address[:2]
         self.url = f"http://{h!s}:{p}"
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},

@@ -55,7 +55,7 @@ BATCH = 64
 #: longest ipc:// path the kernel accepts (sun_path is 108 bytes with the NUL).
 MAX_IPC_PATH = 107
 
-Handler = Callable[[dict[str, Any]], Any]
+Handler = Callable[..., Any]  # (args) or, on an endpoint with ``auth``, (args, what auth returned)
 _NOBLOCK = int(zmq.NOBLOCK)
 _MORE_NOBLOCK = int(zmq.SNDMORE) | int(zmq.NOBLOCK)
 _POLLIN = int(zmq.POLLIN)
@@ -90,7 +90,7 @@ class Endpoint:
     """One ROUTER socket and the ops it accepts."""
 
     def __init__(self, name: str, sock: zmq.Socket[bytes], address: str, handlers: dict[Op, Handler],
-                 auth: Callable[[Request], None] | None = None) -> None:
+                 auth: Callable[[Request], Any] | None = None) -> None:
         self.name = name
         self.sock = sock
         self.address = address
@@ -144,7 +144,7 @@ class ControlLoop:
     # --- set-up --------------------------------------------------------------------------------
 
     def bind(self, name: str, address: str, handlers: dict[Op, Handler],
-             auth: Callable[[Request], None] | None = None) -> Endpoint:
+             auth: Callable[[Request], Any] | None = None) -> Endpoint:
         """Bind a ROUTER at ``address`` (``tcp://host:0`` picks a free port). Returns the endpoint,
         whose ``address`` is the resolved one."""
         if address.startswith("ipc://"):
@@ -290,9 +290,10 @@ class ControlLoop:
                 self._send(ep.sock, envelope, encode_error(rid, exc, self.instance))
             return
         try:
-            if ep.auth is not None:
-                ep.auth(req)
-            result = ep.handlers[req.op](req.args)
+            if ep.auth is not None:  # the peer socket: handlers also get the caller's session
+                result = ep.handlers[req.op](req.args, ep.auth(req))
+            else:
+                result = ep.handlers[req.op](req.args)
         except PdxError as exc:
             self._stats.observe(self._op_index[req.op], time.perf_counter() - t0, False)
             self._send(ep.sock, envelope, encode_error(req.id, exc, self.instance))

@@ -82,6 +82,12 @@ class AgentMetrics:
             ["reason"], registry=r)
         self.auth_failures = Counter("pdx_agent_peer_auth_failures",
                                      "peer requests refused by the shared-secret check", registry=r)
+        self.peer_denied = Counter(
+            "pdx_agent_peer_denied", "peer requests refused: no valid session, outside the peer's grants, "
+            "over its quota, or a key this agent did not ask for; by op", ["op"], registry=r)
+        self.unknown_peers = Counter(
+            "pdx_agent_unknown_peer_fetches", "fetches/sends refused because the peer is neither registered "
+            "with the same proxy nor listed in transport.peers (the engine recomputes)", registry=r)
         self.jobs = Counter("pdx_agent_transfer_jobs", "fetch/send jobs finished, by kind and result "
                             "(ok: every chunk usable, partial, failed)", ["kind", "result"], registry=r)
         self.chunks = Counter("pdx_agent_transfer_chunks", "chunks of finished jobs, by kind and status",

@@ -35,8 +35,9 @@ import msgpack
 import pdx.errors as _errors
 from pdx.errors import AgentError, PdxError, WireError
 
-#: bumped on any incompatible change of the envelope, an op's arguments or its result.
-WIRE_VERSION = 1
+#: bumped on any incompatible change of the envelope, an op's arguments or its result
+#: (2: peer sessions for every peer op, ``peer_hello`` names the caller's address, ``expect``).
+WIRE_VERSION = 2
 
 #: default bound on one frame (the server's ``control.max_frame`` overrides it).
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
@@ -67,6 +68,7 @@ class Op(str, Enum):
     WAIT = "wait"
     CANCEL = "cancel"
     STATS = "stats"
+    EXPECT = "expect"
     # agent <-> agent
     PEER_HELLO = "peer_hello"
     PEER_PIN = "peer_pin"
@@ -120,10 +122,18 @@ def _u64(name: str, v: Any) -> int:
     return v
 
 
-def _pos_float(name: str, v: Any) -> float:
-    if type(v) not in (int, float) or not math.isfinite(v) or v <= 0:
-        raise _bad(name, "a positive number", v)
-    return float(v)
+def _bounded(limit: float) -> Callable[[str, Any], float]:
+    """A positive number of seconds up to ``limit`` (an unbounded deadline overflows timers)."""
+    def check(name: str, v: Any) -> float:
+        if type(v) not in (int, float) or not math.isfinite(v) or not 0 < v <= limit:
+            raise _bad(name, f"a positive number of seconds, at most {limit:g}", v)
+        return float(v)
+    return check
+
+
+#: longest deadline, lease or wait a request may ask for (seconds).
+MAX_SECONDS = 86400.0
+_seconds = _bounded(MAX_SECONDS)
 
 
 def _bool(name: str, v: Any) -> bool:
@@ -198,22 +208,24 @@ _SCHEMAS: dict[Op, dict[str, tuple[_Validator, Any]]] = {
     Op.COMMIT: {"ids": (_u64_list, _REQUIRED), "checksums": (_u64_list, []),
                 "num_tokens": (_u64_or_list, _REQUIRED)},
     Op.ABORT: {"ids": (_u64_list, _REQUIRED)},
-    Op.PIN: {"keys": (_keys, _REQUIRED), "owner": (_nonempty_str, _REQUIRED), "lease_s": (_pos_float, 0.0)},
+    Op.PIN: {"keys": (_keys, _REQUIRED), "owner": (_nonempty_str, _REQUIRED), "lease_s": (_seconds, 0.0)},
     Op.UNPIN: {"lease_ids": (_u64_list, _REQUIRED)},
     Op.RELEASE: {"owner": (_nonempty_str, _REQUIRED)},
     Op.FETCH: {"peer": (_nonempty_str, _REQUIRED), "keys": (_keys, _REQUIRED),
-               "request_id": (_nonempty_str, _REQUIRED), "deadline_s": (_pos_float, 0.0),
+               "request_id": (_nonempty_str, _REQUIRED), "deadline_s": (_seconds, 0.0),
                "remote_owner": (_str, ""), "pin": (_bool, True)},
     Op.SEND: {"peer": (_nonempty_str, _REQUIRED), "keys": (_keys, _REQUIRED),
-              "request_id": (_nonempty_str, _REQUIRED), "deadline_s": (_pos_float, 0.0)},
+              "request_id": (_nonempty_str, _REQUIRED), "deadline_s": (_seconds, 0.0)},
     Op.JOB_STATUS: {"job_id": (_u64, _REQUIRED)},
-    Op.WAIT: {"job_id": (_u64, _REQUIRED), "timeout_s": (_pos_float, _REQUIRED)},
+    Op.WAIT: {"job_id": (_u64, _REQUIRED), "timeout_s": (_seconds, _REQUIRED)},
     Op.CANCEL: {"job_id": (_u64, _REQUIRED)},
     Op.STATS: {},
-    Op.PEER_HELLO: {"agent_id": (_str, ""), "chunk_fingerprint": (_str, ""), "nonce": (_bytes_small, b""),
+    Op.EXPECT: {"keys": (_keys, _REQUIRED), "request_id": (_nonempty_str, _REQUIRED),
+                "deadline_s": (_seconds, 0.0)},
+    Op.PEER_HELLO: {"agent_id": (_str, ""), "address": (_str, ""), "chunk_fingerprint": (_str, ""), "nonce": (_bytes_small, b""),
                     "server_nonce": (_bytes_small, b""), "proof": (_bytes_small, b"")},
     Op.PEER_PIN: {"keys": (_keys, _REQUIRED), "owner": (_nonempty_str, _REQUIRED),
-                  "lease_s": (_pos_float, 0.0)},
+                  "lease_s": (_seconds, 0.0)},
     Op.PEER_UNPIN: {"lease_ids": (_u64_list, _REQUIRED)},
     Op.PEER_RELEASE: {"owner": (_nonempty_str, _REQUIRED)},
     Op.PEER_RESERVE: {"keys": (_keys, _REQUIRED), "nbytes": (_u64_or_list, _REQUIRED)},

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("pdx.agent.registration")
 
 REGISTER_PATH = "/admin/register"
+#: longest registration reply read (the peers list of a large fleet fits easily).
+MAX_REPLY = 4 * 1024 * 1024
 
 
 def proxy_urls(config: RegistrationConfig) -> list[str]:
@@ -46,8 +48,10 @@ class Announcer:
     """Posts ``snapshot(leaving)`` to every proxy every ``heartbeat_s``, one thread per proxy."""
 
     def __init__(self, config: RegistrationConfig, snapshot: Callable[[bool], AgentAnnouncement | None],
-                 metrics: AgentMetrics) -> None:
+                 metrics: AgentMetrics,
+                 on_peers: Callable[[list[tuple[str, str]]], None] | None = None) -> None:
         self.config = config
+        self._on_peers = on_peers
         self.urls = [u + REGISTER_PATH for u in proxy_urls(config)]
         self.url = self.urls[0] if self.urls else ""
         self._snapshot = snapshot
@@ -91,6 +95,7 @@ class Announcer:
         try:
             with urllib.request.urlopen(req, timeout=self.config.timeout_s) as resp:
                 ok = 200 <= int(resp.status) < 300
+                reply = resp.read(MAX_REPLY) if ok else b""
         except urllib.error.HTTPError as exc:
             ok = False
             detail = exc.read(512).decode("utf-8", "replace")
@@ -103,7 +108,24 @@ class Announcer:
         if ok:
             with self._lock:
                 self.sent += 1
+            self._peers_from(reply)
         return ok
+
+    def _peers_from(self, reply: bytes) -> None:
+        """The proxy's list of registered agents (``peers``: agent_id + peer address): the agents of
+        this deployment, the only ones this agent fetches from (besides ``transport.peers``)."""
+        if self._on_peers is None:
+            return
+        try:
+            doc = json.loads(reply)
+            raw = doc.get("peers") if isinstance(doc, dict) else None
+        except ValueError:
+            raw = None
+        if not isinstance(raw, list):
+            return  # an older proxy: keep what we knew
+        peers = [(str(p.get("agent_id", "")), str(p.get("peer_address", ""))) for p in raw
+                 if isinstance(p, dict) and isinstance(p.get("peer_address"), str)]
+        self._on_peers(peers)
 
     def _note(self, url: str, ok: bool, why: str) -> None:
         self._metrics.announcements.labels(result="ok" if ok else "error").inc()

@@ -25,6 +25,7 @@ their creation; ``status()`` and ``ready()`` may be called from any thread.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
@@ -36,20 +37,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import pdx
+from pdx.agent.context import AgentContext, abort_ids, commit_chunks, pin_keys
 from pdx.agent.jobs import Job, JobTable
+from pdx.agent.links import Links
 from pdx.agent.loop import ControlLoop, Deferred, Endpoint
 from pdx.agent.metrics import AgentMetrics
 from pdx.agent.peers import PeerService
 from pdx.agent.protocol import LOCAL_OPS, WIRE_VERSION
+from pdx.agent.transfers import Transfers
+from pdx.agent.trust import check_bind, load_secret
 from pdx.agent.types import JobKind, JobState
 from pdx.config import AgentConfig, data_dir
 from pdx.errors import (
     AgentError,
     CapacityError,
-    IntegrityError,
     LayoutError,
-    NotRegistered,
-    ReservationError,
     StoreError,
     WireError,
 )
@@ -65,6 +67,8 @@ log = logging.getLogger("pdx.agent")
 
 #: longest ``wait`` the agent holds a reply for.
 MAX_WAIT_S = 600.0
+#: threads for short work off the control loop (hashing commits, tier reads, peer releases).
+CONTROL_WORKERS = 2
 
 
 def default_name(role: str) -> str:
@@ -79,15 +83,22 @@ class AgentServer:
         self.agent_id = config.name or default_name(config.role)
         self.instance = secrets.token_hex(8)
         self.data_dir = Path(data_path) if data_path is not None else data_dir(config.data_dir)
+        #: the deployment secret (``transport.secret`` or ``transport.secret_file``); raises ConfigError
+        self.secret = load_secret(config.transport)
+        check_bind(config, self.secret)
         self.metrics = AgentMetrics()
         self.loop = ControlLoop(self.instance, self.metrics, config.control.max_frame)
         self.jobs = JobTable(config.control.job_retention_s, config.control.max_jobs, on_done=self._job_done)
-        self.executor = ThreadPoolExecutor(config.control.workers, thread_name_prefix="pdx-agent-work")
-        self.peers = PeerService(self)
-        self.store: ChunkStore | None = None
-        self.transport: Transport | None = None
-        self.layout: KVLayout | None = None
-        self.transport_address = ""
+        # Long transfer jobs and short control work on separate threads: slow peers holding every
+        # transfer thread cannot delay a local commit.
+        self.ctx = AgentContext(
+            config=config, agent_id=self.agent_id, instance=self.instance, secret=self.secret,
+            metrics=self.metrics, jobs=self.jobs,
+            transfers=ThreadPoolExecutor(config.control.workers, thread_name_prefix="pdx-agent-xfer"),
+            control=ThreadPoolExecutor(CONTROL_WORKERS, thread_name_prefix="pdx-agent-ctl"))
+        self.peers = PeerService(self.ctx, ping=self.h_ping)
+        self.links = Links(self.ctx)
+        self.transfers = Transfers(self.ctx, self.links, check_peer=self.peers.check_known)
         # read when /metrics is scraped (the store's lock, no I/O)
         self.metrics.leases_active.set_function(lambda: self.store.stats().leases if self.store else 0)
         self.engine: EngineSupervisor | None = None
@@ -104,6 +115,22 @@ class AgentServer:
         self._stopped = False
 
     # --- life cycle --------------------------------------------------------------------------
+
+    @property
+    def store(self) -> ChunkStore | None:
+        return self.ctx.store
+
+    @property
+    def transport(self) -> Transport | None:
+        return self.ctx.transport
+
+    @property
+    def layout(self) -> KVLayout | None:
+        return self.ctx.layout
+
+    @property
+    def transport_address(self) -> str:
+        return self.ctx.transport_address
 
     @property
     def control_address(self) -> str:
@@ -123,6 +150,7 @@ class AgentServer:
             host = cfg.transport.host
             self._peer = self.loop.bind("peer", f"tcp://{host}:{cfg.control.peer_port}",
                                         self.peers.handlers(), auth=self.peers.check_auth)
+            self.ctx.peer_address = self._peer.address
         self.loop.every(cfg.leases.sweep_s, self._sweep)
         self.loop.start()
         log.info("agent %s (%s) listening: control %s, peers %s", self.agent_id, cfg.role, self.control_address,
@@ -141,8 +169,10 @@ class AgentServer:
                 self.jobs.cancel(job.id)
             self.jobs.wait_idle(5.0)
         self.loop.stop()
-        self.peers.close()
-        self.executor.shutdown(wait=True, cancel_futures=True)
+        self.links.close()
+        self.transfers.close()
+        self.ctx.transfers.shutdown(wait=True, cancel_futures=True)
+        self.ctx.control.shutdown(wait=True, cancel_futures=True)
         if self.transport is not None:
             self.transport.close()
         if self.store is not None:
@@ -171,18 +201,10 @@ class AgentServer:
     # --- helpers -----------------------------------------------------------------------------
 
     def require_store(self) -> tuple[ChunkStore, Transport, KVLayout]:
-        store, transport, layout = self.store, self.transport, self.layout
-        if store is None or transport is None or layout is None:
-            raise NotRegistered("no engine has registered its KV layout with this agent yet (register_engine)")
-        return store, transport, layout
+        return self.ctx.require_store()
 
     def _deferred(self, fn: Any, *args: Any, timeout_s: float | None = None) -> Deferred:
-        fut = self.executor.submit(fn, *args)
-        return Deferred(fut, timeout_s or self.config.control.request_timeout_s * 4)
-
-    def _lower_tiers(self) -> bool:
-        s = self.store
-        return s is not None and (s.disk is not None or s.redis is not None)
+        return self.ctx.deferred(fn, *args, timeout_s=timeout_s)
 
     # --- local handlers (control-loop thread) --------------------------------------------------
 
@@ -235,7 +257,10 @@ class AgentServer:
         store = ChunkStore.from_layout(cfg.store, layout, self.data_dir,
                                        metrics=StoreMetrics(self.metrics.registry))
         try:
-            transport = create(cfg.transport.backend, cfg.transport, layout.chunk_fingerprint)
+            tcfg = dataclasses.replace(cfg.transport, secret=self.secret, secret_file="")
+            transport = create(cfg.transport.backend, tcfg, layout.chunk_fingerprint)
+            transport.guard = self.peers.data_guard
+            transport.on_denied = lambda op: self.metrics.peer_denied.labels(op=op).inc()
             try:
                 transport.register(MemoryRegion(store.pool.nbytes, MemoryKind.HOST, store.pool.buffer,
                                                 name=store.pool_name))
@@ -246,8 +271,8 @@ class AgentServer:
         except BaseException:
             store.close()
             raise
-        self.store, self.transport, self.layout = store, transport, layout
-        self.transport_address = address
+        ctx = self.ctx
+        ctx.store, ctx.transport, ctx.layout, ctx.transport_address = store, transport, layout, address
         log.info("pool %s created: %d slabs of %d bytes; transport %s listening at %s", store.pool_name,
                  store.slab_count, store.slab_size, transport.name, address)
 
@@ -294,61 +319,15 @@ class AgentServer:
         ids, sums, ntok = a["ids"], a["checksums"], a["num_tokens"]
         if (sums and len(sums) != len(ids)) or (not isinstance(ntok, int) and len(ntok) != len(ids)):
             raise WireError("commit: 'checksums' (if given) and a 'num_tokens' list need one entry per id")
-        return self._deferred(self._commit, store, ids, sums, ntok)
-
-    @staticmethod
-    def _commit(store: ChunkStore, ids: list[int], sums: list[int], ntok: int | list[int]) -> list[str]:
-        out = []
-        for i, rid in enumerate(ids):
-            try:
-                store.commit(rid, checksum=sums[i] if sums else None,
-                             num_tokens=ntok if isinstance(ntok, int) else ntok[i])
-                out.append("")
-            except IntegrityError as exc:
-                out.append(f"corrupt: {exc}")
-            except ReservationError as exc:
-                out.append(f"expired: {exc}")
-            except StoreError as exc:
-                out.append(str(exc))
-        return out
+        return self._deferred(commit_chunks, store, ids, sums, ntok)
 
     def h_abort(self, a: dict[str, Any]) -> int:
         store, _t, _l = self.require_store()
-        n = 0
-        for rid in a["ids"]:
-            try:
-                n += bool(store.abort(rid))
-            except ReservationError:
-                pass  # being committed right now: the commit decides
-        return n
-
-    def pin_keys(self, keys: list[bytes], owner: str, lease_s: float, origin: str) -> Any:
-        """Pin the leading run of ``keys`` (promoting from lower tiers, off the loop thread if any)."""
-        store, _t, _l = self.require_store()
-        if self._lower_tiers():
-            return self._deferred(self._pin, store, keys, owner, lease_s, origin)
-        return self._pin(store, keys, owner, lease_s, origin)
-
-    def _pin(self, store: ChunkStore, keys: list[bytes], owner: str, lease_s: float,
-             origin: str) -> list[list[Any]]:
-        pins = store.get([ChunkKey(k) for k in keys], lease_s=lease_s, owner=owner)
-        now = time.monotonic()
-        out: list[list[Any]] = []
-        n = 0
-        for k, p in zip(keys, pins):
-            if p is None:
-                out.append([0, k, 0, 0, 0, 0, 0.0])
-            else:
-                n += 1
-                out.append([p.lease_id, k, p.offset, p.nbytes, p.checksum, p.num_tokens,
-                            round(p.expires_at - now, 3)])
-        if n:
-            self.metrics.leases_granted.labels(origin=origin).inc(n)
-        return out
+        return abort_ids(store, a["ids"])
 
     def h_pin(self, a: dict[str, Any]) -> Any:
         lease = min(a["lease_s"] or self.config.store.l1.lease_s, self.config.leases.max_s)
-        return self.pin_keys(a["keys"], a["owner"], lease, origin="local")
+        return pin_keys(self.ctx, a["keys"], a["owner"], lease, origin="local")
 
     def h_unpin(self, a: dict[str, Any]) -> int:
         store, _t, _l = self.require_store()
@@ -359,6 +338,7 @@ class AgentServer:
     def h_release(self, a: dict[str, Any]) -> int:
         """Drop the owner's pins and cancel its transfers (a finished or aborted request)."""
         owner = a["owner"]
+        self.peers.expected.forget(owner)
         for job in self.jobs.active_jobs():
             if job.request_id == owner:
                 self.jobs.cancel(job.id)
@@ -375,7 +355,7 @@ class AgentServer:
         deadline = time.monotonic() + (a["deadline_s"] or self.config.transport.transfer_timeout_s)
         job = self.jobs.create(kind, a["request_id"], a["peer"], a["keys"], deadline)
         self.metrics.jobs_active.set(self.jobs.active)
-        self.peers.submit(self.executor, job, **kw)
+        self.transfers.submit(job, **kw)
         return job.id
 
     def h_fetch(self, a: dict[str, Any]) -> int:
@@ -383,6 +363,13 @@ class AgentServer:
 
     def h_send(self, a: dict[str, Any]) -> int:
         return self._start_job(JobKind.SEND, a)
+
+    def h_expect(self, a: dict[str, Any]) -> int:
+        """Accept pushes (a peer's ``send``) of ``keys`` until the deadline: the only keys a peer may
+        reserve here. ``release(request_id)`` withdraws them."""
+        self.peers.expected.add(a["keys"], a["request_id"],
+                                a["deadline_s"] or self.config.transport.transfer_timeout_s)
+        return len(a["keys"])
 
     def _job(self, job_id: int) -> Job:
         job = self.jobs.get(job_id)
@@ -444,7 +431,7 @@ class AgentServer:
             "chunk_fingerprint": layout.chunk_fingerprint if layout is not None else "",
             "chunk_tokens": self.config.store.chunk_tokens,
             "jobs": {"active": self.jobs.active},
-            "peers": self.peers.links(),
+            "peers": self.links.links(),
             "engine": self.engine.status().to_dict() if self.engine is not None else {"state": "none"},
             "engine_pids": list(self.engine_pids),
             "engine_url": self.engine_url,

@@ -336,6 +336,16 @@ class WorkerRegistry:
         now = self.clock()
         return [w.describe(now) for w in self._workers.values()]
 
+    def peers(self) -> list[dict[str, str]]:
+        """Agents registered now and not leaving (id and peer-socket address): the register reply
+        carries it so that agents fetch only from agents of this deployment."""
+        out = []
+        for w in self._workers.values():
+            ann = w.announcement
+            if ann is not None and not w.left and ann.transport_address:
+                out.append({"agent_id": ann.agent_id, "peer_address": ann.transport_address})
+        return out
+
     def models(self) -> list[str]:
         """Model names of workers in the pool (announced by agents or listed by engines)."""
         now = self.clock()

@@ -297,6 +297,12 @@ class ChunkStore:
         with self._lock:
             return self._index.release_owner(owner)
 
+    def owner_keys(self, owner: str) -> list[ChunkKey]:
+        """The keys of the live pins held under ``owner`` (the agent checks a peer may release them)."""
+        with self._lock:
+            leases = [self._index.leases.get(lid) for lid in self._index.owners.get(owner, ())]
+            return [lease.entry.key for lease in leases if lease is not None]
+
     def extend(self, lease_id: LeaseId | int, lease_s: float | None = None) -> bool:
         """Push a live lease's expiry to ``now + lease_s``; ``False`` if it is gone."""
         with self._lock:

@@ -152,9 +152,23 @@ class Transport(abc.ABC):
     #: suite skips its corruption test otherwise). See ``DebugCorrupter``.
     debug_corrupt: ClassVar[bool] = False
 
+    #: True when the backend asks ``guard`` before it serves a peer's data-plane op (tcp): the
+    #: others move bytes one-sidedly (mapped shared memory, RDMA) and cannot check per op.
+    enforces_grants: ClassVar[bool] = False
+
     def __init__(self, config: TransportConfig, fingerprint: str) -> None:
         self.config = config
         self.fingerprint = fingerprint
+        #: ``guard(session, write, [(offset, nbytes), ...])`` -> "" to serve, else why not; set by
+        #: the agent. ``None`` serves any range of the region (a bare transport, its tests).
+        self.guard: Callable[[bytes, bool, Sequence[Sequence[int]]], str] | None = None
+        #: ``on_denied(op)``: called once per refused data-plane request (metrics).
+        self.on_denied: Callable[[str], None] | None = None
+
+    def set_session(self, peer: PeerId, session: bytes) -> None:
+        """Present ``session`` (the token of our control-plane session with ``peer``) with every
+        data-plane request to ``peer``; backends without per-op checks ignore it."""
+        return None
 
     @abc.abstractmethod
     def register(self, region: MemoryRegion) -> None:

@@ -80,6 +80,13 @@ log = logging.getLogger("pdx.transport")
 MAX_PENDING_HANDSHAKES = 64
 
 
+def _shutdown_quietly(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 def _mac(secret: str, label: bytes, a: bytes, b: bytes) -> bytes:
     return hmac.new(secret.encode(), label + a + b, hashlib.sha256).digest()
 
@@ -343,6 +350,11 @@ class SideChannel:
         """First frame decides: ``hello`` (a peer) or ``attach`` (a stream of a known peer)."""
         where = f"connection from {addr[0]}:{addr[1]}"
         then: Callable[[], None] | None = None
+        # One deadline for the whole handshake: a client that dribbles bytes slower than the
+        # per-recv timeout would otherwise hold this thread (and a handshake slot) for ever.
+        timer = threading.Timer(self.config.connect_timeout_s, _shutdown_quietly, (conn,))
+        timer.daemon = True
+        timer.start()
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.settimeout(self.config.connect_timeout_s)
@@ -358,6 +370,7 @@ class SideChannel:
             log.log(level, "rejected %s: %s: %s", where, type(exc).__name__, exc)
             conn.close()
         finally:
+            timer.cancel()
             self._handshakes.release()
         if then is not None:
             then()

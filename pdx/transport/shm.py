@@ -23,6 +23,7 @@ import functools
 import mmap
 import os
 import socket
+import stat
 import threading
 import time
 from collections.abc import Sequence
@@ -65,19 +66,33 @@ def host_identity() -> str:
     return f"{socket.gethostname()}/{boot}"
 
 
+def segment_path(name: str) -> Path:
+    """The file of a peer's shared-memory segment: one plain name inside ``SHM_DIR`` (no folder,
+    no ``..``). Raises ``PeerIncompatible`` for anything else: a peer must not make us map
+    (and write into) a file of its choosing."""
+    base = name[1:] if name.startswith("/") else name
+    if (not base or len(base) > 255 or "/" in base or base in (".", "..") or "\0" in base
+            or not base.isprintable()):
+        raise PeerIncompatible(f"peer shm name {name!r} is not a plain segment name")
+    return SHM_DIR / base
+
+
 class _PeerMap:
     """The peer's region mapped here, and the worker thread that copies to/from it."""
 
     def __init__(self, owner: ShmTransport, conn: PeerConnection, name: str, corrupt_every: int) -> None:
         self.owner = owner
         self.conn = conn
-        path = SHM_DIR / name.lstrip("/")
+        path = segment_path(name)
         try:
-            fd = os.open(path, os.O_RDWR)
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
         except OSError as exc:
             raise ConnectError(f"cannot open the peer's shared memory {name!r}: {exc}") from exc
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise PeerIncompatible(f"peer shm {name!r} is not a regular file")
+            size = st.st_size
             if size < conn.info.region_nbytes:
                 raise PeerIncompatible(f"peer shm {name!r} holds {size} bytes, fewer than its region "
                                        f"({conn.info.region_nbytes})")

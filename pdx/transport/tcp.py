@@ -207,7 +207,8 @@ class _Lane:
             part = idxs[start:start + OPS_PER_HEADER]
             ops = [handle.ops[i] for i in part]
             arm(sock, deadline)
-            send_frame(sock, {"t": "w", "ops": [[op.remote_offset, op.nbytes, op.checksum] for op in ops]})
+            send_frame(sock, {"t": "w", "s": self.owner._sessions.get(self.peer.peer_id, b""),
+                              "ops": [[op.remote_offset, op.nbytes, op.checksum] for op in ops]})
             send_views(sock, [view[op.local_offset:op.local_offset + op.nbytes] for op in ops], deadline)
             arm(sock, deadline)
             ack = recv_frame(sock)
@@ -232,7 +233,8 @@ class _Lane:
             part = idxs[start:start + OPS_PER_HEADER]
             ops = [handle.ops[i] for i in part]
             arm(sock, deadline)
-            send_frame(sock, {"t": "r", "ops": [[op.remote_offset, op.nbytes] for op in ops]})
+            send_frame(sock, {"t": "r", "s": self.owner._sessions.get(self.peer.peer_id, b""),
+                              "ops": [[op.remote_offset, op.nbytes] for op in ops]})
             arm(sock, deadline)
             head = recv_frame(sock)
             if head["t"] == "err":
@@ -257,6 +259,7 @@ class TcpTransport(SideChannelPeers, Transport):
     name = "tcp"
     debug_corrupt = True
     connect_needs_region = False
+    enforces_grants = True
 
     def __init__(self, config: TransportConfig, fingerprint: str) -> None:
         super().__init__(config, fingerprint)
@@ -270,6 +273,8 @@ class TcpTransport(SideChannelPeers, Transport):
         self._lanes: dict[PeerId, list[_Lane]] = {}
         self._serving: dict[PeerId, set[socket.socket]] = collections.defaultdict(set)
         self._tickets: dict[bytes, Future[socket.socket]] = {}
+        self._sessions: dict[PeerId, bytes] = {}
+        self._denied_logged: set[tuple[PeerId, str]] = set()
         self._closed = False
 
     # -- Transport --
@@ -279,6 +284,9 @@ class TcpTransport(SideChannelPeers, Transport):
         self._view = region_view(region)
         self._region = region
         self._side.region_nbytes = region.nbytes
+
+    def set_session(self, peer: PeerId, session: bytes) -> None:
+        self._sessions[peer] = session
 
     def post(self, peer: PeerId, kind: OpKind, ops: Sequence[ChunkOp]) -> TransferHandle:
         handle = BatchHandle(ops, self.config.transfer_timeout_s,
@@ -417,22 +425,36 @@ class TcpTransport(SideChannelPeers, Transport):
     # -- serving (the peer initiates on this stream) --
     def _serve(self, conn: PeerConnection, sock: socket.socket) -> None:
         """Serve the peer's headers until the stream closes; runs on its own thread."""
+        cap = self.config.max_streams_per_peer
         with self._lock:
-            if self._closed or not conn.alive:
-                sock.close()
-                return
-            self._serving[conn.peer_id].add(sock)
+            over = len(self._serving[conn.peer_id]) >= cap
+            refuse = self._closed or not conn.alive or over
+            if not refuse:
+                self._serving[conn.peer_id].add(sock)
+        if refuse:
+            sock.close()
+            if over:
+                self._denied("data_stream", conn, f"more than {cap} data streams")
+            return
         poller = select.poll()
         poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
+        idle_s = self.config.stream_idle_s
+        last = time.monotonic()
         try:
+            # A peer that stops mid-frame must not hold this thread for ever: kernel timeouts on
+            # each recv/send (the socket stays blocking, so MSG_WAITALL keeps working).
+            arm(sock, last + self.config.transfer_timeout_s)
             while conn.alive and not self._closed:
                 if not poller.poll(500):
+                    if time.monotonic() - last > idle_s:
+                        raise TransportError(f"idle for more than {idle_s:g}s")
                     continue
                 head = recv_frame(sock)
+                last = time.monotonic()
                 if head["t"] == "w":
-                    self._serve_write(sock, head)
+                    self._serve_write(conn, sock, head)
                 elif head["t"] == "r":
-                    self._serve_read(sock, head)
+                    self._serve_read(conn, sock, head)
                 else:
                     raise WireError(f"unexpected frame {head['t']!r} on a data stream")
         except (OSError, TransportError) as exc:
@@ -454,8 +476,29 @@ class TcpTransport(SideChannelPeers, Transport):
                 raise WireError(f"data header op {op!r} is malformed or outside the region ({size} bytes)")
         return ops
 
-    def _serve_write(self, sock: socket.socket, head: Message) -> None:
+    def _denied(self, op: str, conn: PeerConnection, why: str) -> None:
+        with self._lock:
+            first = (conn.peer_id, op) not in self._denied_logged
+            if first and len(self._denied_logged) < 4096:
+                self._denied_logged.add((conn.peer_id, op))
+        if first:  # every refusal is counted (on_denied); each peer's kind logged once
+            log.warning("refused a %s from %s: %s", op, conn.peer_id, why)
+        if self.on_denied is not None:
+            self.on_denied(op)
+
+    def _check(self, conn: PeerConnection, head: Message, write: bool, ops: list[list[int]]) -> str:
+        """Empty when the agent's guard lets the peer's session touch these ranges (no guard: all)."""
+        if self.guard is None:
+            return ""
+        token = head.get("s")
+        return self.guard(token if isinstance(token, bytes) else b"", write, ops)
+
+    def _serve_write(self, conn: PeerConnection, sock: socket.socket, head: Message) -> None:
         ops = self._ranges(head, 3)
+        why = self._check(conn, head, True, ops)
+        if why:  # the bytes that follow are not read: the stream closes after the refusal
+            send_frame(sock, {"t": "err", "reason": f"write refused: {why}"})
+            raise TransportError(f"write refused: {why}")
         view = self._view
         verify = self.config.verify_checksums
         bad = []
@@ -467,8 +510,12 @@ class TcpTransport(SideChannelPeers, Transport):
                 bad.append(j)
         send_frame(sock, {"t": "ack", "bad": bad})
 
-    def _serve_read(self, sock: socket.socket, head: Message) -> None:
+    def _serve_read(self, conn: PeerConnection, sock: socket.socket, head: Message) -> None:
         ops = self._ranges(head, 2)
+        why = self._check(conn, head, False, ops)
+        if why:
+            send_frame(sock, {"t": "err", "reason": f"read refused: {why}"})
+            return
         view = self._view
         send_frame(sock, {"t": "d"})
         send_views(sock, [view[off:off + n] for off, n in ops])

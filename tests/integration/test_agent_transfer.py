@@ -132,11 +132,11 @@ def test_fetch_releases_the_prefill_side_pins(pair: tuple[Side, Side]) -> None:
     a, b = pair
     keys = new_keys(4)
     a.write(keys, seed=2)
-    pins = a.client.pin(keys, owner="prefill-req", lease_s=60)
+    pins = a.client.pin(keys, owner="pd:prefill-req", lease_s=60)
     assert all(p.found for p in pins)
     assert a.leases() == 4
     info = b.client.wait(b.client.fetch(a.proc.peer_address, keys, "decode-req",
-                                        remote_owner="prefill-req"), 30)
+                                        remote_owner="pd:prefill-req"), 30)
     assert info.ok, info
     assert wait_until(lambda: a.leases() == 0)
     b.client.release("decode-req")
@@ -155,6 +155,7 @@ def test_send_pushes_chunks_into_the_peer(pair: tuple[Side, Side]) -> None:
     a, b = pair
     keys = new_keys(6)
     sums = a.write(keys, seed=4)
+    assert b.client.expect(keys, "req-send", deadline_s=30) == 6  # a push answers the receiver's request
     info = a.client.wait(a.client.send(b.proc.peer_address, keys, "req-send"), 30)
     assert [c.status for c in info.chunks] == [ChunkStatus.DONE] * 6, info.error
     pins = b.client.pin(keys, owner="check-send", lease_s=10)

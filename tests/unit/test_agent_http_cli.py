@@ -97,3 +97,36 @@ def test_shipped_configs_load(role: str) -> None:
     root = Path(__file__).resolve().parents[2]
     cfg = load_config(AgentConfig, root / "configs" / f"{role}.yaml", env={})
     assert cfg.role == role
+
+
+def test_http_server_bounds_its_threads() -> None:
+    """Idle connections hold at most MAX_THREADS handler threads; the next one is closed at once,
+    and once they go the endpoint answers again."""
+    import socket
+
+    from prometheus_client import CollectorRegistry
+
+    from pdx.agent.http import MAX_THREADS
+
+    http = HttpEndpoint("127.0.0.1", 0, CollectorRegistry(), lambda: True, lambda: [], lambda: {})
+    host, port = http.url[len("http://"):].rsplit(":", 1)
+    idle = [socket.create_connection((host, int(port)), timeout=5) for _ in range(MAX_THREADS)]
+    try:
+        extra = socket.create_connection((host, int(port)), timeout=5)
+        extra.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+        assert extra.recv(100) == b""  # closed without an answer
+        extra.close()
+    finally:
+        for s in idle:
+            s.close()
+    try:
+        ok = False
+        for _ in range(50):  # the handler threads notice their clients left
+            try:
+                ok = get(http.url + "/healthz")[0] == 200
+                break
+            except OSError:
+                continue
+        assert ok
+    finally:
+        http.close()

@@ -53,7 +53,7 @@ def test_reply_round_trip_and_error_classes() -> None:
 @pytest.mark.parametrize("frame, message", [
     (b"\xc1", "not a msgpack message"),
     (pack([1, 2]), "expected a map"),
-    (pack({"v": 2, "id": 1, "op": "ping", "a": {}}), "wire version 2, this agent speaks 1"),
+    (pack({"v": 1, "id": 1, "op": "ping", "a": {}}), "wire version 1, this agent speaks 2"),
     (pack({"v": WIRE_VERSION, "id": -1, "op": "ping", "a": {}}), "'id'"),
     (pack({"v": WIRE_VERSION, "id": 1, "op": "nope", "a": {}}), "unknown message type 'nope'"),
     (pack({"v": WIRE_VERSION, "id": 1, "op": "ping", "a": [], }), "'a' must be a map"),

@@ -99,3 +99,34 @@ def test_announcement_of_a_live_agent(tmp_path: Path) -> None:
         assert back.load.pool_used_bytes == 3 * 1024 and back.chunk_fingerprint == server.layout.chunk_fingerprint
     finally:
         server.stop()
+
+
+def test_the_register_reply_updates_the_known_peers() -> None:
+    """The proxy's reply lists the deployment's agents; the announcer hands them to the agent."""
+    got: list[list[tuple[str, str]]] = []
+
+    class H(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps({"worker_id": "a1", "peers": [
+                {"agent_id": "p1", "peer_address": "tcp://127.0.0.1:7001"}, {"bad": 1}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        msg = lambda leaving: AgentAnnouncement(agent_id="a1", role=WorkerRole.DECODE,  # noqa: E731
+                                                engine_url="http://127.0.0.1:1")
+        ann = Announcer(RegistrationConfig(proxy_url=f"http://127.0.0.1:{server.server_address[1]}"), msg,
+                        AgentMetrics(), on_peers=got.append)
+        assert ann.announce(leaving=False)
+        assert got == [[("p1", "tcp://127.0.0.1:7001")]]
+    finally:
+        server.shutdown()
+        server.server_close()

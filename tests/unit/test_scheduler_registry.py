@@ -199,3 +199,14 @@ def test_verified_needs_a_passed_check_or_a_heartbeat() -> None:
     assert dec.verified(clock.t)
     w = reg.announce(_ann("http://127.0.0.1:9100", agent_id="fresh"))
     assert w.verified(clock.t)
+
+
+def test_peers_lists_registered_agents_and_their_peer_sockets() -> None:
+    reg = _registry(Clock())
+    assert reg.peers() == []  # static workers have no agent
+    reg.announce(_ann("http://127.0.0.1:9000", role="prefill", agent_id="p9",
+                      transport_address="tcp://127.0.0.1:7000"))
+    reg.announce(_ann("http://127.0.0.1:9001", agent_id="d1"))  # no peer socket: not listed
+    assert reg.peers() == [{"agent_id": "p9", "peer_address": "tcp://127.0.0.1:7000"}]
+    reg.announce(_ann("http://127.0.0.1:9000", role="prefill", agent_id="p9", leaving=True))
+    assert reg.peers() == []

@@ -1,0 +1,320 @@
+"""The fetch and send jobs: moving chunks between this agent's pool and a peer's.
+
+The decode side's agent runs a *fetch* on a transfer thread:
+
+1. ``Links.link`` gives the session with the peer (hello, transport connect).
+2. Keys already in the local pool are not moved (``PRESENT``).
+3. ``peer_pin``: the peer pins the rest under a lease owned by this job (promoting them from
+   its disk/Redis tiers first), and answers offsets, sizes, checksums: its read grants.
+4. Local slabs are reserved, READ batches are posted in groups of ``PIPELINE_BYTES``, and each
+   group is committed with the peer's checksums as soon as it landed: ``ChunkStore.commit``
+   re-hashes the bytes, so a chunk damaged on the way is ``CORRUPT`` and dropped, never served.
+5. The peer's pins are released (and, with ``remote_owner``, the pins the peer kept for the
+   request); the job's per-chunk results are recorded.
+
+A *send* is the mirror: ``peer_reserve`` on the peer (only keys it asked for with ``expect``), a
+WRITE batch, ``peer_commit`` (the peer re-hashes against our checksums). Every step is bounded by
+the job's deadline; a dead or slow peer turns into per-chunk ``FAILED``/``TIMEOUT``, never a hang.
+
+``Transfers`` needs only an ``AgentContext``, a ``Links`` and a check of the peer's address, so
+its jobs are unit-tested against fakes (``tests/unit/test_agent_transfers.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from pdx.agent.context import AgentContext
+from pdx.agent.jobs import Job
+from pdx.agent.links import Links, PeerLink
+from pdx.agent.protocol import Op
+from pdx.agent.types import ChunkResult, ChunkStatus, JobKind
+from pdx.errors import (
+    AgentUnavailable,
+    AuthError,
+    CapacityError,
+    IntegrityError,
+    PdxError,
+    PeerDenied,
+    ReservationError,
+    StoreError,
+    TransferCancelled,
+    TransferTimeout,
+)
+from pdx.keys import ChunkKey
+from pdx.store.types import Tier
+from pdx.transport.base import ChunkOp, OpKind, OpStatus
+
+log = logging.getLogger("pdx.agent.peers")
+
+#: bytes per transfer group: each group is committed (and verified) while the next ones move.
+PIPELINE_BYTES = 4 * 1024 * 1024
+#: limit on waiting for the commits of one job (hashing what already landed; never I/O).
+COMMIT_WAIT_S = 60.0
+
+_OP_TO_CHUNK = {OpStatus.FAILED: ChunkStatus.FAILED, OpStatus.TIMEOUT: ChunkStatus.TIMEOUT,
+                OpStatus.CANCELLED: ChunkStatus.CANCELLED, OpStatus.CORRUPT: ChunkStatus.CORRUPT}
+
+
+class Transfers:
+    """Runs fetch and send jobs on ``ctx.transfers`` (see the module docstring).
+
+    ``check_peer(address)`` raises (``PeerDenied``) for a peer this agent must not dial.
+    """
+
+    def __init__(self, ctx: AgentContext, links: Links, check_peer: Callable[[str], None]) -> None:
+        self.ctx = ctx
+        self.links = links
+        self._check_peer = check_peer
+        # Commits of received chunks (hashing) run here, beside the job threads; never waits on them.
+        self._committer = ThreadPoolExecutor(1, thread_name_prefix="pdx-agent-commit")
+
+    def submit(self, job: Job, **kw: Any) -> Future[None]:
+        run = self._fetch if job.kind is JobKind.FETCH else self._send
+        return self.ctx.transfers.submit(self._run, run, job, kw)
+
+    def close(self) -> None:
+        self._committer.shutdown(wait=True)
+
+    def _run(self, fn: Any, job: Job, kw: dict[str, Any]) -> None:
+        ctx = self.ctx
+        if not ctx.jobs.start(job):
+            return
+        results: dict[bytes, ChunkResult] = {}
+        error = ""
+        nbytes = 0
+        try:
+            self._check_peer(job.peer)
+            nbytes = fn(job, results, **kw)
+        except (PdxError, OSError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, AgentUnavailable) or (isinstance(exc, AuthError) and
+                                                     not isinstance(exc, PeerDenied)):
+                self.links.drop_link(job.peer)  # dead, restarted, or our session expired: hello again next time
+            log.warning("%s job %d (request %s) with %s failed: %s", job.kind.value, job.id, job.request_id,
+                        job.peer, error)
+        except Exception as exc:
+            error = f"internal error: {type(exc).__name__}: {exc}"
+            log.exception("%s job %d failed", job.kind.value, job.id)
+        default = (ChunkStatus.CANCELLED if job.cancelled.is_set() else
+                   ChunkStatus.TIMEOUT if job.time_left() <= 0 else ChunkStatus.FAILED)
+        chunks = [results.get(k) or ChunkResult(k, default, reason=error or default.value) for k in job.keys]
+        ctx.jobs.finish(job, chunks, error, nbytes)
+
+    def _fetch(self, job: Job, results: dict[bytes, ChunkResult], remote_owner: str = "",
+               pin: bool = True) -> int:
+        ctx = self.ctx
+        store, transport, _layout = ctx.require_store()
+        keys = [ChunkKey(k) for k in job.keys]
+        # Chunks already here are not moved.
+        local = store.pin(keys, owner=job.request_id) if pin else [None] * len(keys)
+        tiers = store.lookup(keys).tiers if not pin else None
+        need: list[ChunkKey] = []
+        for i, k in enumerate(keys):
+            p = local[i]
+            if p is not None:
+                results[k] = ChunkResult(k, ChunkStatus.PRESENT, p.offset, p.nbytes, p.checksum, p.num_tokens,
+                                         p.lease_id)
+            elif tiers is not None and tiers[i] is Tier.L1:
+                results[k] = ChunkResult(k, ChunkStatus.PRESENT)
+            else:
+                need.append(k)
+        owner = f"fetch:{ctx.agent_id}:{ctx.instance}:{job.id}"
+        link: PeerLink | None = None
+        try:
+            if not need:
+                return 0
+            link = self.links.link(job.peer, self._left(job))
+            lease = min(max(self._left(job) + 5.0, 10.0), ctx.config.leases.max_s)
+            raw = link.client.call(Op.PEER_PIN, {"keys": list(need), "owner": owner, "lease_s": lease},
+                                   self._left(job))
+            ops: list[ChunkOp] = []
+            moving: list[tuple[ChunkKey, int, int, int]] = []  # key, reservation id, checksum, num_tokens
+            for k, p in zip(need, raw):
+                lid, _key, off, nb, csum, ntok, _exp = p
+                if not lid:
+                    results[k] = ChunkResult(k, ChunkStatus.MISSING, reason="not held by the peer")
+                    continue
+                try:
+                    res = store.reserve(k, int(nb))
+                except (CapacityError, StoreError) as exc:
+                    results[k] = ChunkResult(k, ChunkStatus.FAILED, reason=f"no local slab: {exc}")
+                    continue
+                ops.append(ChunkOp(res.offset, int(off), int(nb)))
+                moving.append((k, res.id, int(csum), int(ntok)))
+            return self._move(job, transport, link, OpKind.READ, ops, moving, results, store, pin)
+        finally:
+            if link is not None:
+                self._release_later(link, owner, remote_owner)
+
+    def _move(self, job: Job, transport: Any, link: PeerLink, kind: OpKind, ops: list[ChunkOp],
+              moving: list[tuple[ChunkKey, int, int, int]], results: dict[bytes, ChunkResult],
+              store: Any, pin: bool) -> int:
+        """Post ``ops`` as consecutive groups and commit each group as soon as it landed.
+
+        Committing re-hashes every chunk; doing it group by group, while the next
+        groups are still moving, hashes bytes that are still in the CPU cache and
+        hides most of the verification behind the transfer.
+        """
+        if not ops:
+            return 0
+        t0 = time.perf_counter()
+        groups: list[tuple[int, int]] = []
+        start = size = 0
+        for i, op in enumerate(ops):
+            if size and size + op.nbytes > PIPELINE_BYTES:
+                groups.append((start, i))
+                start, size = i, 0
+            size += op.nbytes
+        groups.append((start, len(ops)))
+        handles = [transport.post(link.transport_peer, kind, ops[a:b]) for a, b in groups]
+
+        def cancel_all() -> None:
+            for h in handles:
+                h.cancel()
+
+        job.on_cancel = cancel_all
+        if job.cancelled.is_set():
+            cancel_all()
+        commits: list[Future[int]] = []
+        waited = 0.0
+        for (a, b), handle in zip(groups, handles):
+            tw = time.perf_counter()
+            batch = handle.wait(timeout=max(0.0, job.time_left()))
+            waited += time.perf_counter() - tw
+            # Commit on the committer thread while this one keeps the transport busy (some
+            # backends copy in the thread that waits).
+            commits.append(self._committer.submit(self._land_group, job, store, moving[a:b], batch, results, pin))
+        job.on_cancel = None
+        moved = sum(f.result(timeout=COMMIT_WAIT_S) for f in commits)
+        took = time.perf_counter() - t0
+        log.debug("%s job %d: %d chunks, %d bytes in %d group(s): %.2f ms (%.2f GB/s), %.2f ms of it waiting "
+                  "for the transport", job.kind.value, job.id, len(ops), moved, len(groups),
+                  took * 1e3, moved / max(took, 1e-9) / 1e9, waited * 1e3)
+        return moved
+
+    def _land_group(self, job: Job, store: Any, items: list[tuple[ChunkKey, int, int, int]], batch: Any,
+                    results: dict[bytes, ChunkResult], pin: bool) -> int:
+        return sum(self._land(job, store, item, batch.status[i], batch.errors.get(i, ""), results, pin)
+                   for i, item in enumerate(items))
+
+    def _land(self, job: Job, store: Any, item: tuple[ChunkKey, int, int, int], status: OpStatus, why: str,
+              results: dict[bytes, ChunkResult], pin: bool) -> int:
+        """Commit (verifying its checksum) or abort one received chunk; returns the bytes kept."""
+        k, rid, csum, ntok = item
+        if status is not OpStatus.DONE:
+            store.abort(rid)
+            results[k] = ChunkResult(k, _OP_TO_CHUNK.get(status, ChunkStatus.FAILED), reason=why or status.value)
+            return 0
+        try:
+            info = store.commit(rid, checksum=csum, num_tokens=ntok)
+        except IntegrityError as exc:
+            results[k] = ChunkResult(k, ChunkStatus.CORRUPT, reason=str(exc))
+            return 0
+        except ReservationError as exc:  # expired while the bytes were in flight
+            results[k] = ChunkResult(k, ChunkStatus.TIMEOUT, reason=str(exc))
+            return 0
+        if pin:
+            (p,) = store.pin([k], owner=job.request_id)
+            if p is None:
+                results[k] = ChunkResult(k, ChunkStatus.FAILED, reason="evicted before it could be pinned")
+                return 0
+            results[k] = ChunkResult(k, ChunkStatus.DONE, p.offset, p.nbytes, p.checksum, p.num_tokens,
+                                     p.lease_id)
+        else:
+            results[k] = ChunkResult(k, ChunkStatus.DONE, info.offset, info.nbytes, info.checksum,
+                                     info.num_tokens)
+        return int(info.nbytes)
+
+    def _release_later(self, link: PeerLink, owner: str, remote_owner: str) -> None:
+        """Drop the peer's pins off the job's critical path (their leases expire anyway)."""
+        try:
+            self.ctx.control.submit(self._release_remote, link, owner, remote_owner)
+        except RuntimeError:  # shutting down
+            pass
+
+    def _release_remote(self, link: PeerLink, owner: str, remote_owner: str) -> None:
+        for who in (owner, remote_owner):
+            if not who:
+                continue
+            try:
+                link.client.call(Op.PEER_RELEASE, {"owner": who}, timeout=1.0)
+            except PdxError as exc:  # the lease expires on its own
+                log.info("could not release pins of %s at %s: %s", who, link.address, exc)
+
+    def _send(self, job: Job, results: dict[bytes, ChunkResult]) -> int:
+        ctx = self.ctx
+        store, transport, _layout = ctx.require_store()
+        keys = [ChunkKey(k) for k in job.keys]
+        owner = f"send:{ctx.instance}:{job.id}"
+        pins = store.pin(keys, owner=owner)
+        try:
+            present = [(k, p) for k, p in zip(keys, pins) if p is not None]
+            for k, p in zip(keys, pins):
+                if p is None:
+                    results[k] = ChunkResult(k, ChunkStatus.MISSING, reason="not in the local pool")
+            if not present:
+                return 0
+            link = self.links.link(job.peer, self._left(job))
+            raw = link.client.call(Op.PEER_RESERVE, {"keys": [k for k, _ in present],
+                                                     "nbytes": [p.nbytes for _, p in present]}, self._left(job))
+            ops: list[ChunkOp] = []
+            sent: list[tuple[ChunkKey, int, int, int]] = []
+            for (k, p), (rid, off, _nb, err) in zip(present, raw):
+                if err == "present":
+                    results[k] = ChunkResult(k, ChunkStatus.PRESENT)
+                elif not rid:
+                    results[k] = ChunkResult(k, ChunkStatus.FAILED, reason=f"peer: {err}")
+                else:
+                    ops.append(ChunkOp(p.offset, int(off), p.nbytes))
+                    sent.append((k, int(rid), p.checksum, p.num_tokens))
+            if not ops:
+                return 0
+            handle = transport.post(link.transport_peer, OpKind.WRITE, ops)
+            job.on_cancel = handle.cancel
+            batch = handle.wait(timeout=max(0.0, self._left(job)))
+            job.on_cancel = None
+            landed = [(i, s) for i, s in enumerate(sent) if batch.status[i] is OpStatus.DONE]
+            failed = [(i, s) for i, s in enumerate(sent) if batch.status[i] is not OpStatus.DONE]
+            for i, (k, _rid, _c, _n) in failed:
+                results[k] = ChunkResult(k, _OP_TO_CHUNK.get(batch.status[i], ChunkStatus.FAILED),
+                                         reason=batch.errors.get(i, ""))
+            if failed:
+                try:
+                    link.client.call(Op.PEER_ABORT, {"ids": [s[1] for _, s in failed]}, 1.0)
+                except PdxError:
+                    pass  # the peer's reservations expire on their own
+            moved = 0
+            if landed:
+                errs = link.client.call(Op.PEER_COMMIT, {
+                    "ids": [s[1] for _, s in landed], "checksums": [s[2] for _, s in landed],
+                    "num_tokens": [s[3] for _, s in landed]}, max(0.5, self._left(job)))
+                for (i, (k, _rid, _c, _n)), err in zip(landed, errs):
+                    if err:
+                        status = ChunkStatus.CORRUPT if str(err).startswith("corrupt") else ChunkStatus.FAILED
+                        results[k] = ChunkResult(k, status, reason=str(err))
+                    else:
+                        results[k] = ChunkResult(k, ChunkStatus.DONE, nbytes=ops[i].nbytes)
+                        moved += ops[i].nbytes
+            return moved
+        finally:
+            store.release_owner(owner)
+
+    @staticmethod
+    def _left(job: Job) -> float:
+        if job.cancelled.is_set():
+            raise TransferCancelled(f"job {job.id}: cancelled")
+        left = job.time_left()
+        if left <= 0:
+            raise TransferTimeout(f"job {job.id}: deadline passed")
+        return left
+
+
+def split_results(chunks: Sequence[ChunkResult]) -> tuple[int, int]:
+    """(usable, failed) counts: for logs and metrics."""
+    usable = sum(1 for c in chunks if c.status.usable)
+    return usable, len(chunks) - usable
