@@ -30,7 +30,6 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pdx.agent.process import AgentProcess
 
 from pdx.agent.client import AgentClient
 from pdx.agent.protocol import Op
@@ -38,6 +37,7 @@ from pdx.agent.trust import mac
 from pdx.agent.types import ChunkStatus
 from pdx.checksum import checksum
 from pdx.config import TransportConfig
+from pdx.deploy.process import AgentProcess
 from pdx.errors import AuthError, PdxError, PeerDenied, WireError
 from pdx.layout import KVDtype, KVLayout
 from pdx.store.pool import AttachedPool, attach
