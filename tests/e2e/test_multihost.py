@@ -39,6 +39,12 @@ WORKERS = [("prefill-0", "prefill", 0, "tcp", "0"), ("prefill-1", "prefill", 0, 
            ("decode-0", "decode", 1, "tcp", "1"), ("decode-1", "decode", 1, "ucx", "0")]
 
 
+API_KEY = "multihost-api-key"
+ADMIN_KEY = "multihost-admin-key"
+API = {"Authorization": f"Bearer {API_KEY}"}
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
 @dataclass
 class Fleet:
     hosts: NetnsHosts
@@ -50,7 +56,7 @@ class Fleet:
         import httpx
 
         def call() -> dict[str, Any]:
-            r = httpx.post(self.proxy_url + path, json=body, timeout=300)
+            r = httpx.post(self.proxy_url + path, json=body, headers=API, timeout=300)
             assert r.status_code == 200, r.text
             out: dict[str, Any] = r.json()
             return out
@@ -68,7 +74,8 @@ def _start_proxy(hosts: NetnsHosts, root: Path) -> tuple[subprocess.Popen[bytes]
     """``pdx-proxy serve`` on host 0, as the docs show; returns (process, URL)."""
     cfg = root / "proxy.yaml"
     cfg.write_text(yaml.safe_dump({"host": hosts[0].address, "port": 0, "policy": "round_robin",
-                                   "models": ["tiny"], "health_interval_s": 1.0, "log_requests": True}))
+                                   "models": ["tiny"], "health_interval_s": 1.0, "log_requests": True,
+                                   "api_key": API_KEY, "admin_key": ADMIN_KEY}))
     log = (root / "proxy.log").open("ab")
     proc = hosts.popen(0, [sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg)],
                        stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
@@ -88,6 +95,16 @@ def _start_proxy(hosts: NetnsHosts, root: Path) -> tuple[subprocess.Popen[bytes]
     raise AssertionError(f"the proxy did not start:\n{(root / 'proxy.log').read_text()[-3000:]}")
 
 
+def _secret(root: Path) -> Path:
+    """The deployment secret every agent shares (agents off loopback refuse to start without one)."""
+    path = root / "secret"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(os.urandom(32).hex())
+    return path
+
+
 def _worker(hosts: NetnsHosts, root: Path, model: BuiltModel, proxy_url: str, name: str, role: str,
             host: int, backend: str, core: str) -> AgentEngine:
     """``pdx-agent --config <name>.yaml -- <vLLM>`` on ``host``, every address that host's own."""
@@ -100,9 +117,10 @@ def _worker(hosts: NetnsHosts, root: Path, model: BuiltModel, proxy_url: str, na
         engine = AgentEngine(
             name, model.path, role, root, cpu_bind=core, served_model_name="tiny", host=addr,
             store={"chunk_tokens": CHUNK_TOKENS, "l1": {"capacity": "64MiB"}},
-            transport={"backend": backend, "host": addr},
+            transport={"backend": backend, "host": addr, "secret_file": str(_secret(root))},
             vllm={"kv_cache_gib": 1, "max_model_len": 4096},
-            agent={"http": {"host": addr}, "registration": {"proxy_url": proxy_url, "heartbeat_s": 1}},
+            agent={"http": {"host": addr}, "registration": {"proxy_url": proxy_url, "heartbeat_s": 1,
+                                                                 "admin_key": ADMIN_KEY}},
             env=env)
         engine.agent.start(60.0)
         return engine
@@ -128,7 +146,7 @@ def fleet(tiny_model: BuiltModel, stack: Any, tmp_path_factory: pytest.TempPathF
             def routable() -> bool:
                 import httpx
 
-                doc = httpx.get(url + "/admin/workers", timeout=5).json()
+                doc = httpx.get(url + "/admin/workers", headers=ADMIN, timeout=5).json()
                 return sorted(w["id"] for w in doc["workers"] if w["state"] == "healthy") == sorted(workers)
 
             deadline = time.monotonic() + 120
