@@ -92,6 +92,7 @@ class DiskTier(LowerTier):
     """L2 on a local folder. See the module docstring."""
 
     tier = Tier.DISK
+    local = True
 
     def __init__(self, config: DiskConfig, *, chunk_fingerprint: str, data_dir: Path | None,
                  metrics: StoreMetrics, clock: Callable[[], float] = time.monotonic) -> None:
