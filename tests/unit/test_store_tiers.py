@@ -9,6 +9,7 @@ import pytest
 from pdx.config import (
     AgentConfig,
     DiskConfig,
+    L1Config,
     MooncakeConfig,
     RedisConfig,
     S3Config,
