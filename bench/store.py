@@ -68,6 +68,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-batch", type=int, default=16, help="chunks per pipeline (default 16)")
     p.add_argument("--redis-url", default="", help="use this server instead of starting redis-server")
     p.add_argument("--rss-cycles", type=int, default=100_000, help="put/evict cycles (default 100000)")
+    p.add_argument("--tiers", default="disk,redis",
+                   help="lower tiers to measure: disk,redis,mooncake,s3 (default disk,redis); "
+                        "mooncake adds remote_lookup_us")
+    from bench import store_shared
+
+    store_shared.add_arguments(p)
     p.add_argument("--skip", default="", help="comma-separated rows groups to skip: l1,lookup,disk,redis,rss")
 
 
@@ -83,11 +89,18 @@ def run(args: argparse.Namespace) -> Report:
     rss = Report("store")
     if "rss" not in skip:
         bench_rss(args, rss)
+    from bench import store_shared
+
+    tiers = {t.strip() for t in args.tiers.split(",") if t.strip()}
+    unknown = tiers - {"disk", "redis", "mooncake", "s3"}
+    if unknown:
+        raise SystemExit(f"--tiers: unknown tier(s) {', '.join(sorted(unknown))}; known: disk, redis, mooncake, s3")
     groups: list[tuple[str, Callable[[argparse.Namespace, Report], None]]] = [
         ("l1", bench_l1), ("lookup", bench_lookup), ("disk", bench_disk), ("redis", bench_redis),
+        ("mooncake", store_shared.bench_mooncake), ("s3", store_shared.bench_s3),
     ]
     for name, fn in groups:
-        if name in skip:
+        if name in skip or (name in ("disk", "redis", "mooncake", "s3") and name not in tiers):
             continue
         if name == "redis" and not args.redis_url and shutil.which("redis-server") is None:
             report.notes.append("redis rows skipped: no redis-server binary (install it or pass --redis-url)")
