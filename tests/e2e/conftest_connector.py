@@ -58,6 +58,8 @@ PROMPTS: dict[str, tuple[int, int]] = {
     "spill_c": (PROMPT_TOKENS, 108),
     "crash": (PROMPT_TOKENS, 109),
     "reuse_whole_chunks": (12 * CHUNK_TOKENS, 110),
+    "shared_mooncake": (PROMPT_TOKENS, 111),
+    "shared_redis": (PROMPT_TOKENS, 112),
 }
 
 @dataclass(frozen=True)
