@@ -86,38 +86,43 @@ def bench_mooncake(args: argparse.Namespace, report: Report) -> None:
             put_s, get_s, wbase_s, rbase_s = [], [], [], []
             lookup_s: list[float] = []
             base_lookup_s: list[float] = []
-            for r in progress(range(args.repeats + 1), "store mooncake"):
-                names = [f"raw:{r}:{i}" for i in range(n)]
+            # Two agents for the whole run, like the raw clients: each round's new keys evict the
+            # previous round's chunks from L1, so the reader's gets always come from the shared tier.
+            writer = ChunkStore(cfg, size, FP)
+            reader = ChunkStore(cfg, size, FP)
+            try:
+                for r in progress(range(args.repeats + 1), "store mooncake"):
+                    names = [f"raw:{r}:{i}" for i in range(n)]
 
-                def raw_put(names: list[str] = names) -> None:
-                    for a in range(0, n, batch):
-                        assert raw.put_batch(names[a : a + batch], values[a : a + batch]) == 0
+                    def raw_put(names: list[str] = names) -> None:
+                        for a in range(0, n, batch):
+                            assert raw.put_batch(names[a : a + batch], values[a : a + batch]) == 0
 
-                def raw_get(names: list[str] = names) -> None:
-                    for a in range(0, n, batch):
-                        got = raw_reader.get_batch(names[a : a + batch])
-                        assert all(len(g) for g in got)
+                    def raw_get(names: list[str] = names) -> None:
+                        for a in range(0, n, batch):
+                            got = raw_reader.get_batch(names[a : a + batch])
+                            assert all(len(g) for g in got)
 
-                keys = keys_for(r, n)
-                wbase_s.append(timed(raw_put))
-                writer = ChunkStore(cfg, size, FP)
-                reader = ChunkStore(cfg, size, FP)  # a second agent: empty L1
-                try:
+                    keys = keys_for(r, n)
+                    wbase_s.append(timed(raw_put))
                     reserved = written_in_place(writer, keys, src)
                     put_s.append(timed(partial(commit_and_flush, writer, reserved)))
                     assert writer.metrics.value("pdx_store_write_drops_total", {"tier": "mooncake"}) == 0
                     rbase_s.append(timed(raw_get))
-                    if r == args.repeats:  # the 128-key probe, on the last round's stores
-                        probe = (keys * (128 // n + 1))[:128]
+                    assert reader.lookup(keys).prefix_chunks == 0  # not in its L1: from the shared tier
+                    get_s.append(timed(partial(_get_all, reader, keys, batch)))
+                    if r == args.repeats:  # the 128-key probe, on keys the reader's L1 does not hold
+                        reserved = written_in_place(writer, keys_for(r + 1, n), src)
+                        commit_and_flush(writer, reserved)
+                        probe = (keys_for(r + 1, n) * (128 // n + 1))[:128]
                         pnames = [reader.tiers[0].name_of(k) for k in probe]  # type: ignore[attr-defined]
+                        assert reader.lookup(probe, True).prefix_chunks == 128
                         for _ in range(args.lookup_repeats):
                             lookup_s.append(timed(partial(reader.lookup, probe, True)))
                             base_lookup_s.append(timed(partial(raw_reader.batch_is_exist, pnames)))
-                        assert reader.lookup(probe, True).prefix_chunks == 128
-                    get_s.append(timed(partial(_get_all, reader, keys, batch)))
-                finally:
-                    reader.close()
-                    writer.close()
+            finally:
+                reader.close()
+                writer.close()
             raw.close()
             raw_reader.close()
         finally:
