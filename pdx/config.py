@@ -161,10 +161,20 @@ class S3Config:
     batch_size: int = doc_field(16, "chunks per write batch (written concurrently)")
 
 
+@dataclass(frozen=True)
+class NixlStorageConfig(DiskConfig):
+    """Chunk files on local storage, in the disk tier's format, moved by a NIXL storage plugin."""
+
+    enabled: bool = doc_field(True, "false keeps the entry but turns the tier off")
+    path: str = doc_field("", "folder for chunk files; empty = <data dir>/nixl-cache")
+    plugin: Literal["POSIX", "GDS", "GDS_MT"] = doc_field(
+        "POSIX", "NIXL storage plugin: POSIX (any host), GDS or GDS_MT (GPUDirect Storage, CUDA hosts)")
+
+
 #: ``store.tiers`` entries by their ``type:`` tag.
 TIER_CONFIGS: dict[str, type] = {"disk": DiskConfig, "redis": RedisConfig, "mooncake": MooncakeConfig,
-                                 "s3": S3Config}
-LowerTierConfig = DiskConfig | RedisConfig | MooncakeConfig | S3Config
+                                 "s3": S3Config, "nixl": NixlStorageConfig}
+LowerTierConfig = DiskConfig | RedisConfig | MooncakeConfig | S3Config | NixlStorageConfig
 
 _TIERS_EXAMPLE = ("store:\n  tiers:\n    - {type: disk, capacity: 10GiB}\n"
                   "    - {type: redis, url: 'redis://host:6379/0'}")
@@ -176,7 +186,7 @@ class StoreConfig:
     namespace: str = doc_field("", "tenant namespace mixed into every chunk key")
     l1: L1Config = field(default_factory=L1Config)
     tiers: tuple[LowerTierConfig, ...] = doc_field(
-        (), "the tiers below L1, fastest first: a list of {type: disk|redis|mooncake|s3, ...}",
+        (), "the tiers below L1, fastest first: a list of {type: disk|redis|mooncake|s3|nixl, ...}",
         tagged=TIER_CONFIGS)
     disk: DiskConfig = field(default_factory=DiskConfig, metadata={"doc": "old form of a disk entry in tiers"})
     redis: RedisConfig = field(default_factory=RedisConfig,

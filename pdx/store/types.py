@@ -26,6 +26,7 @@ class Tier(str, Enum):
     REDIS = "redis"
     MOONCAKE = "mooncake"
     S3 = "s3"
+    NIXL = "nixl"
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,7 +47,7 @@ def test_old_sections_still_load_as_tiers() -> None:
 
 
 @pytest.mark.parametrize(("raw", "message"), [
-    ({"tiers": [{"type": "tape"}]}, r"tiers\[0\]\.type: expected one of 'disk', 'redis', 'mooncake', 's3'"),
+    ({"tiers": [{"type": "tape"}]}, r"tiers\[0\]\.type: expected one of 'disk', 'redis', 'mooncake', 's3', 'nixl'"),
     ({"tiers": [{"capacity": 1}]}, r"tiers\[0\]\.type"),
     ({"tiers": [{"type": "disk", "bucket": "x"}]}, r"unknown key tiers\[0\]\.'bucket'"),
     ({"tiers": [{"type": "disk"}, {"type": "disk"}]}, "more than one tier of type 'disk'"),
