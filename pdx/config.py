@@ -213,6 +213,24 @@ class StoreConfig:
         return tuple(t for t in (self.disk, self.redis) if t.enabled)
 
 
+def shared_tier_ids(store: StoreConfig) -> list[str]:
+    """Ids of the remote tiers every chunk is written to (``write: all``), as the proxy compares them.
+
+    Two agents with the same id share that tier: what one computed, the other can load.
+    """
+    out = []
+    for t in store.lower_tiers:
+        if t.write != "all":
+            continue
+        if isinstance(t, RedisConfig):
+            out.append(f"redis:{t.url}#{t.key_prefix}")
+        elif isinstance(t, MooncakeConfig):
+            out.append(f"mooncake:{t.metadata_server}#{t.key_prefix}")
+        elif isinstance(t, S3Config):
+            out.append(f"s3:{t.endpoint_url}/{t.bucket}/{t.prefix}")
+    return out
+
+
 def tier_type(cfg: object) -> str:
     """The ``type:`` tag of a tier config."""
     for name, cls in TIER_CONFIGS.items():
