@@ -16,7 +16,9 @@ or lost (a restarted master starts empty) are plain misses. A value whose
 header or checksum does not match is a miss, counted, and removed.
 
 Thread-safety: every method may be called from any thread; writes run on the
-tier's writer thread. Raises ``BackendUnavailable`` at creation if the
+tier's writer thread. The master and metadata server must be reachable when
+the tier starts (the client's ``setup`` would wait for them without end).
+Raises ``BackendUnavailable`` at creation if the
 ``mooncake`` package (or the ``libibverbs.so.1`` it links) is missing, and
 ``StoreError`` if the client cannot join the store.
 """
@@ -24,10 +26,12 @@ tier's writer thread. Raises ``BackendUnavailable`` at creation if the
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pdx.checksum import checksum
 from pdx.config import MooncakeConfig
@@ -57,6 +61,26 @@ def load_mooncake() -> Any:
     return MooncakeDistributedStore
 
 
+def _check_reachable(config: MooncakeConfig) -> None:
+    """Connect to the master and the HTTP metadata server first, bounded by ``timeout_s``.
+
+    The client's ``setup`` waits for an absent master without end, holding the GIL (the whole
+    process stops), so an unreachable one must be caught before. Raises ``StoreError``.
+    """
+    targets = [("master", config.master)]
+    meta = urlsplit(config.metadata_server)
+    if meta.scheme in ("http", "https") and meta.hostname:
+        targets.append(("metadata server", f"{meta.hostname}:{meta.port or (443 if meta.scheme == 'https' else 80)}"))
+    for what, where in targets:
+        host, _, port = where.rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=config.timeout_s):
+                pass
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"store tier 'mooncake': the {what} at {where} is not reachable ({exc}); start it "
+                             f"before the agent (the client cannot join a store whose {what} is down)") from exc
+
+
 class MooncakeTier(LowerTier):
     """A remote tier on a Mooncake Store. See the module docstring."""
 
@@ -69,6 +93,7 @@ class MooncakeTier(LowerTier):
         self.read_batch = max(1, config.batch_size)
         self._cfg = config
         self._prefix = config.key_prefix
+        _check_reachable(config)
         self._client = cls()
         rc = self._client.setup(config.local_hostname, config.metadata_server, config.global_segment_size,
                                 config.local_buffer_size, config.protocol, config.device_name, config.master)

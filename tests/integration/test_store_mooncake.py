@@ -145,3 +145,11 @@ def test_corrupt_value_is_caught_by_the_checksum(mooncake_master: MooncakeMaster
         assert s.get([key(3)]) == [None]
     finally:
         s.close()
+
+
+def test_an_unreachable_master_at_start_is_a_clear_error(mooncake_master: MooncakeMaster) -> None:
+    from pdx.errors import StoreError
+
+    mooncake_master.stop()
+    with pytest.raises(StoreError, match=r"the master at 127\.0\.0\.1:\d+ is not reachable"):
+        make(mooncake_master, timeout_s=1.0)
