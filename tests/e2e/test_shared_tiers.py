@@ -58,7 +58,7 @@ def fleet(stack: PdxStack, tiny_model: BuiltModel,
     engines: list[AgentEngine] = []
     try:
         for name, core in (("fleet_a", "0"), ("fleet_b", "1")):
-            engine = AgentEngine(name, tiny_model.path, "kv_both", root, cpu_bind=core, served_model_name="tiny",
+            engine = AgentEngine(name, tiny_model.path, "both", root, cpu_bind=core, served_model_name="tiny",
                                  store={"chunk_tokens": CHUNK_TOKENS, "l1": {"capacity": "32MiB"}, "tiers": tiers},
                                  vllm={"kv_cache_gib": 1, "max_model_len": 4096})
             engines.append(engine.start(ENGINE_START_TIMEOUT_S))
