@@ -31,6 +31,7 @@ import numpy as np
 
 from bench.report import Report, Result, gbps, median, percentile, progress
 from pdx.config import parse_size
+from pdx.transport import ucx_env
 
 MiB = 1 << 20
 
@@ -236,7 +237,7 @@ class _BarePair:
         nbytes = n * chunk
         self.peer = subprocess.Popen([sys.executable, "-m", "bench.cli", "agent", "--bare-peer", backend,
                                       "--nbytes", str(nbytes)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     env=dict(os.environ, UCX_WARN_UNUSED_ENV_VARS="n"))
+                                     env=ucx_env.child_env())
         assert self.peer.stdout is not None
         self.shm = shared_memory.SharedMemory(create=True, size=nbytes)
         self.transport: Any = None

@@ -11,7 +11,7 @@ import importlib
 import sys
 
 WORKLOADS = {
-    "store": "L1/disk/Redis tiers and lookup against memcpy, file I/O and raw redis-py",
+    "store": "L1/disk/Redis/Mooncake/S3 tiers and lookups against memcpy, file I/O and the raw clients",
     "transfer": "chunk transfer per backend against the raw mechanism (socket, memcpy, NIXL, ucxx)",
     "kernels": "KV pack/unpack against a contiguous copy of the same bytes",
     "agent": "control-plane round trip and agent-to-agent fetch against bare ZMQ and transports",

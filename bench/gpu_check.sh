@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What only a GPU can show, in one run on a machine with one H100/H200 (under 8 minutes):
-# CUDA IPC and NIXL on GPU memory, the Triton pack/unpack kernels against the torch reference,
+# CUDA IPC and NIXL on GPU memory, NIXL's GDS/GDS_MT storage tier, the Triton pack/unpack kernels against the torch reference,
 # and their figures beside a device-to-device copy.
 #
 #   bash bench/gpu_check.sh [OUT_DIR]     (OUT_DIR default: ./gpu-check; JSON and logs go there)
@@ -33,6 +33,7 @@ step nvidia-smi 20 nvidia-smi
 step torch-cuda 60 "$PY" -c "import torch; assert torch.cuda.is_available(), 'torch has no CUDA'; print(torch.__version__, torch.cuda.get_device_name(0))"
 step test-cuda-ipc 90 "$PY" -m pytest tests/gpu/test_cuda_ipc.py -q -rs -p no:cacheprovider
 step test-conformance-cuda-ipc 120 "$PY" -m pytest tests/integration/test_transport_conformance.py -q -rs -k cuda_ipc -p no:cacheprovider
+step test-store-nixl-gds 90 "$PY" -m pytest tests/integration/test_store_nixl.py -q -rs -p no:cacheprovider
 step test-kernels-gpu 90 "$PY" -m pytest tests/gpu/test_kernels_gpu.py -q -rs -p no:cacheprovider
 step bench-transfer-gpu 120 "$PY" -m bench.cli transfer --backends cuda_ipc,nixl --memory cuda \
     --sizes 16MiB,64MiB,256MiB --json "$OUT/transfer_gpu.json"

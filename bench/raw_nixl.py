@@ -26,12 +26,15 @@ from typing import IO, Any
 
 import numpy as np
 
+from pdx.transport import ucx_env
+
 #: longest wait for the target process and for one transfer.
 TIMEOUT_S = 60.0
 _LEN = struct.Struct("<Q")
 
 
 def _agent(name: str) -> Any:
+    ucx_env.prepare()  # the same UCX environment as pdx's own nixl backend
     try:
         from nixl._api import nixl_agent, nixl_agent_config
     except ImportError:

@@ -26,12 +26,14 @@ from typing import Any
 import numpy as np
 
 from bench.raw_nixl import Buffer, recv_blob, send_blob
+from pdx.transport import ucx_env
 
 #: longest wait for the receiver process and for one transfer.
 TIMEOUT_S = 60.0
 
 
 def _worker() -> tuple[Any, Any, Any, Any]:
+    ucx_env.prepare()
     from ucxx._lib import libucxx as lib
     from ucxx._lib.arr import Array
 

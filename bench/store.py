@@ -10,7 +10,8 @@ Rows:
 * ``lookup_us`` — ``lookup`` of a 32k-token prompt's 128 keys, all in L1 (keys
   computed beforehand: this is the figure the scheduler pays per probe); p99 in
   ``extra``. ``lookup_tokens_us`` adds hashing the token ids into keys.
-* ``disk_put_gbps`` / ``disk_get_gbps`` — chunks written in place into reserved
+* ``disk_put_gbps`` / ``disk_get_gbps`` (and ``nixl_posix_*`` with ``--tiers nixl_posix``: the same through
+  the NIXL storage tier, POSIX plugin) — chunks written in place into reserved
   slabs (not timed), then committed (checksum) and written behind to the disk
   tier until ``flush`` returns, and promoted back into L1 by ``get`` on a
   restarted store (index rebuilt by scanning, checksums verified), against plain
@@ -47,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from bench.report import Report, Result, gbps, median, percentile, progress
-from pdx.config import DiskConfig, L1Config, RedisConfig, StoreConfig, parse_size
+from pdx.config import DiskConfig, L1Config, NixlStorageConfig, RedisConfig, StoreConfig, parse_size
 from pdx.keys import ChunkKey, chunk_keys
 from pdx.store import ChunkStore, Reservation
 
@@ -68,6 +69,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-batch", type=int, default=16, help="chunks per pipeline (default 16)")
     p.add_argument("--redis-url", default="", help="use this server instead of starting redis-server")
     p.add_argument("--rss-cycles", type=int, default=100_000, help="put/evict cycles (default 100000)")
+    p.add_argument("--tiers", default="disk,redis",
+                   help="lower tiers to measure: disk,redis,mooncake,s3,nixl_posix (default disk,redis); "
+                        "mooncake adds remote_lookup_us")
+    from bench import store_shared
+
+    store_shared.add_arguments(p)
     p.add_argument("--skip", default="", help="comma-separated rows groups to skip: l1,lookup,disk,redis,rss")
 
 
@@ -83,11 +90,20 @@ def run(args: argparse.Namespace) -> Report:
     rss = Report("store")
     if "rss" not in skip:
         bench_rss(args, rss)
+    from bench import store_shared
+
+    tiers = {t.strip() for t in args.tiers.split(",") if t.strip()}
+    known = ("disk", "redis", "mooncake", "s3", "nixl_posix")
+    unknown = tiers - set(known)
+    if unknown:
+        raise SystemExit(f"--tiers: unknown tier(s) {', '.join(sorted(unknown))}; known: {', '.join(known)}")
     groups: list[tuple[str, Callable[[argparse.Namespace, Report], None]]] = [
         ("l1", bench_l1), ("lookup", bench_lookup), ("disk", bench_disk), ("redis", bench_redis),
+        ("mooncake", store_shared.bench_mooncake), ("s3", store_shared.bench_s3),
+        ("nixl_posix", partial(bench_disk, kind="nixl_posix")),
     ]
     for name, fn in groups:
-        if name in skip:
+        if name in skip or (name in known and name not in tiers):
             continue
         if name == "redis" and not args.redis_url and shutil.which("redis-server") is None:
             report.notes.append("redis rows skipped: no redis-server binary (install it or pass --redis-url)")
@@ -232,8 +248,10 @@ def bench_lookup(args: argparse.Namespace, report: Report) -> None:
 # --- disk ------------------------------------------------------------------------------------
 
 
-def bench_disk(args: argparse.Namespace, report: Report) -> None:
+def bench_disk(args: argparse.Namespace, report: Report, kind: str = "disk") -> None:
+    """The disk rows; ``kind="nixl_posix"``: the same through the NIXL storage tier (POSIX plugin)."""
     n, size = args.disk_chunks, args.chunk_bytes
+    label = "disk" if kind == "disk" else "nixl"
     src = chunks(n, size, seed=2)
     root = Path(args.disk_dir) if args.disk_dir else Path(tempfile.mkdtemp(prefix="pdx-bench-disk-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -241,13 +259,14 @@ def bench_disk(args: argparse.Namespace, report: Report) -> None:
     dst.fill(1)
     put_s, get_s, wbase_s, rbase_s = [], [], [], []
     try:
-        for r in progress(range(args.repeats + 1), "store disk"):
+        for r in progress(range(args.repeats + 1), f"store {kind}"):
             data_dir = root / f"store-{r}"
             plain = root / f"plain-{r}"
             plain.mkdir()
             keys = keys_for(r, n)
-            cfg = store_config(n * size, disk=DiskConfig(enabled=True, write="all", queue_depth=n,
-                                                         capacity=4 * n * size))
+            tier_cls = DiskConfig if kind == "disk" else NixlStorageConfig
+            cfg = store_config(n * size, tiers=(tier_cls(enabled=True, write="all", queue_depth=n,
+                                                         capacity=4 * n * size),))
 
             def plain_write(plain: Path = plain) -> None:
                 for i, c in enumerate(src):
@@ -268,7 +287,7 @@ def bench_disk(args: argparse.Namespace, report: Report) -> None:
                 reserved = written_in_place(store, keys, src)
                 os.sync()
                 p = timed(partial(commit_and_flush, store, reserved))
-                assert store.metrics.value("pdx_store_write_drops_total", {"tier": "disk"}) == 0
+                assert store.metrics.value("pdx_store_write_drops_total", {"tier": label}) == 0
             finally:
                 store.close()
             os.sync()
@@ -295,10 +314,10 @@ def bench_disk(args: argparse.Namespace, report: Report) -> None:
             shutil.rmtree(root, ignore_errors=True)
     total = n * size
     extra = {"chunks": n, "chunk_bytes": size, "fsync": False, "target_ratio": 0.7}
-    report.add(Result("disk_put_gbps", gbps(total, median(put_s)), "GB/s", "plain_file_write_gbps",
+    report.add(Result(f"{kind}_put_gbps", gbps(total, median(put_s)), "GB/s", "plain_file_write_gbps",
                       gbps(total, median(wbase_s)),
                       extra={**extra, "includes": PUT_INCLUDES}))
-    report.add(Result("disk_get_gbps", gbps(total, median(get_s)), "GB/s", "plain_file_read_gbps",
+    report.add(Result(f"{kind}_get_gbps", gbps(total, median(get_s)), "GB/s", "plain_file_read_gbps",
                       gbps(total, median(rbase_s)),
                       extra={**extra, "includes": "read into L1 slabs + checksum + pin (page cache warm)"}))
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import queue
 import socket
 import subprocess
@@ -38,6 +37,7 @@ import numpy as np
 
 from bench.report import Report, Result, gbps, median, progress
 from pdx.config import TransportConfig, format_size, from_dict, parse_size
+from pdx.transport import ucx_env
 
 FINGERPRINT = "bench-transfer"
 _MIB = 1 << 20
@@ -164,7 +164,7 @@ def _peer_main(args: argparse.Namespace) -> int:
 
 class _Peer:
     def __init__(self, backend: str, nbytes: int, config: str, memory: str) -> None:
-        env = dict(os.environ, UCX_WARN_UNUSED_ENV_VARS="n")
+        env = ucx_env.child_env()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench.transfer", "--peer", "--backend", backend, "--nbytes", str(nbytes),
              "--config", config, "--memory", memory],

@@ -145,17 +145,123 @@ class RedisConfig:
 
 
 @dataclass(frozen=True)
+class MooncakeConfig:
+    """A Mooncake Store (master + metadata server) shared by a fleet; this agent contributes memory."""
+
+    enabled: bool = doc_field(True, "false keeps the entry but turns the tier off")
+    master: str = doc_field("127.0.0.1:50051", "host:port of mooncake_master's RPC service")
+    metadata_server: str = doc_field("http://127.0.0.1:8080/metadata",
+                                     "metadata server URL (the master's HTTP one, or etcd://...)")
+    local_hostname: str = doc_field("127.0.0.1", "address other clients reach this agent's segment at")
+    protocol: Literal["tcp", "rdma"] = doc_field("tcp", "transfer protocol: tcp, or rdma where the NICs have it")
+    device_name: str = doc_field("", "RDMA device(s) for protocol rdma; empty = auto")
+    global_segment_size: int = size_field("256MiB", "memory this agent contributes to the shared store")
+    local_buffer_size: int = size_field("64MiB", "client buffer for puts and gets (registered once)")
+    key_prefix: str = doc_field("pdx:", "prefix of every key pdx writes")
+    write: Literal["evicted", "all"] = doc_field("all", "as for the disk tier")
+    retry_after_s: float = doc_field(2.0, "after a failure, calls are misses for this long")
+    queue_depth: int = doc_field(64, "chunks waiting to be written before new ones are dropped")
+    batch_size: int = doc_field(16, "chunks per batched put or get")
+    timeout_s: float = doc_field(5.0, "longest wait for one call to the store; longer is a miss")
+
+
+@dataclass(frozen=True)
+class S3Config:
+    """S3-compatible object storage: one object per chunk under ``prefix`` in ``bucket``."""
+
+    enabled: bool = doc_field(True, "false keeps the entry but turns the tier off")
+    bucket: str = doc_field("", "bucket name (must exist)")
+    prefix: str = doc_field("pdx/", "key prefix of every object pdx writes")
+    endpoint_url: str = doc_field("", "S3 endpoint; empty = AWS's, from the usual AWS config")
+    region: str = doc_field("", "region; empty = from the usual AWS environment or config")
+    max_in_flight: int = doc_field(8, "requests in flight at once per tier")
+    timeout_s: float = doc_field(5.0, "connect and read timeout of each request")
+    write: Literal["evicted", "all"] = doc_field("evicted", "as for the disk tier")
+    retry_after_s: float = doc_field(2.0, "after a failure, calls are misses for this long")
+    queue_depth: int = doc_field(64, "chunks waiting to be written before new ones are dropped")
+    batch_size: int = doc_field(16, "chunks per write batch (written concurrently)")
+
+
+@dataclass(frozen=True)
+class NixlStorageConfig(DiskConfig):
+    """Chunk files on local storage, in the disk tier's format, moved by a NIXL storage plugin."""
+
+    enabled: bool = doc_field(True, "false keeps the entry but turns the tier off")
+    path: str = doc_field("", "folder for chunk files; empty = <data dir>/nixl-cache")
+    plugin: Literal["POSIX", "GDS", "GDS_MT"] = doc_field(
+        "POSIX", "NIXL storage plugin: POSIX (any host), GDS or GDS_MT (GPUDirect Storage, CUDA hosts)")
+
+
+#: ``store.tiers`` entries by their ``type:`` tag.
+TIER_CONFIGS: dict[str, type] = {"disk": DiskConfig, "redis": RedisConfig, "mooncake": MooncakeConfig,
+                                 "s3": S3Config, "nixl": NixlStorageConfig}
+LowerTierConfig = DiskConfig | RedisConfig | MooncakeConfig | S3Config | NixlStorageConfig
+
+_TIERS_EXAMPLE = ("store:\n  tiers:\n    - {type: disk, capacity: 10GiB}\n"
+                  "    - {type: redis, url: 'redis://host:6379/0'}")
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     chunk_tokens: int = doc_field(256, "tokens per chunk; a multiple of the engine's block size")
     namespace: str = doc_field("", "tenant namespace mixed into every chunk key")
     l1: L1Config = field(default_factory=L1Config)
-    disk: DiskConfig = field(default_factory=DiskConfig)
-    redis: RedisConfig = field(default_factory=RedisConfig)
+    tiers: tuple[LowerTierConfig, ...] = doc_field(
+        (), "the tiers below L1, fastest first: a list of {type: disk|redis|mooncake|s3|nixl, ...}",
+        tagged=TIER_CONFIGS)
+    disk: DiskConfig = field(default_factory=DiskConfig, metadata={"doc": "old form of a disk entry in tiers"})
+    redis: RedisConfig = field(default_factory=RedisConfig,
+                               metadata={"doc": "old form of a redis entry in tiers"})
     drain_s: float = doc_field(5.0, "on shutdown, how long queued write-behind may still run")
 
     def validate(self) -> None:
         _positive(self, "chunk_tokens")
         _not_negative(self, "drain_s")
+
+    def __post_init__(self) -> None:
+        legacy = [n for n in ("disk", "redis") if getattr(self, n).enabled]
+        if legacy and self.tiers:
+            raise ValueError(f"store.{legacy[0]}.enabled and store.tiers are both set; list every tier in "
+                             f"store.tiers only, e.g.\n{_TIERS_EXAMPLE}")
+        seen: set[str] = set()
+        for t in self.tiers:
+            kind = tier_type(t)
+            if kind in seen:
+                raise ValueError(f"store.tiers: more than one tier of type {kind!r}")
+            seen.add(kind)
+
+    @property
+    def lower_tiers(self) -> tuple[LowerTierConfig, ...]:
+        """The enabled tiers below L1 in order: ``tiers``, or the old ``disk``/``redis`` sections."""
+        if self.tiers:
+            return tuple(t for t in self.tiers if t.enabled)
+        return tuple(t for t in (self.disk, self.redis) if t.enabled)
+
+
+def shared_tier_ids(store: StoreConfig) -> list[str]:
+    """Ids of the remote tiers every chunk is written to (``write: all``), as the proxy compares them.
+
+    Two agents with the same id share that tier: what one computed, the other can load.
+    """
+    out = []
+    for t in store.lower_tiers:
+        if t.write != "all":
+            continue
+        if isinstance(t, RedisConfig):
+            out.append(f"redis:{t.url}#{t.key_prefix}")
+        elif isinstance(t, MooncakeConfig):
+            out.append(f"mooncake:{t.metadata_server}#{t.key_prefix}")
+        elif isinstance(t, S3Config):
+            out.append(f"s3:{t.endpoint_url}/{t.bucket}/{t.prefix}")
+    return out
+
+
+def tier_type(cfg: object) -> str:
+    """The ``type:`` tag of a tier config."""
+    for name, cls in TIER_CONFIGS.items():
+        if type(cfg) is cls:
+            return name
+    raise ValueError(f"not a tier config: {type(cfg).__name__}")
 
 
 #: the transport backends (``pdx.transport.TRANSPORTS`` registers one module for each)
@@ -713,6 +819,9 @@ def _convert(tp: Any, value: Any, f: dataclasses.Field[Any], source: str, key: s
         except ValueError as exc:
             raise ConfigError(f"{source}: {key}: {exc}") from None
     origin = typing.get_origin(tp)
+    tagged = f.metadata.get("tagged")
+    if tagged and isinstance(value, Mapping):
+        return _convert_tagged(tagged, value, source, key)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, source, f"{key}.")  # type: ignore[arg-type]
     if origin is Literal:
@@ -758,6 +867,17 @@ def _convert(tp: Any, value: Any, f: dataclasses.Field[Any], source: str, key: s
             raise bad("a string")
         return value
     return value
+
+
+def _convert_tagged(classes: Mapping[str, type], value: Mapping[str, Any], source: str, key: str) -> Any:
+    """One entry of a ``type:``-tagged list (``store.tiers``): the dataclass its tag names."""
+    kind = value.get("type")
+    if not isinstance(kind, str) or kind not in classes:
+        raise ConfigError(f"{source}: {key}.type: expected one of {', '.join(map(repr, classes))}, "
+                          f"got {kind!r}")
+    body = {k: v for k, v in value.items() if k != "type"}
+    body.setdefault("enabled", True)  # listed = on (the old sections needed enabled: true)
+    return from_dict(classes[kind], body, source, f"{key}.")
 
 
 def describe(cls: type, prefix: str = "") -> list[str]:

@@ -67,7 +67,7 @@ class AgentContext:
 
     def lower_tiers(self) -> bool:
         s = self.store
-        return s is not None and (s.disk is not None or s.redis is not None)
+        return s is not None and bool(s.tiers)
 
 
 # --- local ops shared by the engine's and the peers' handlers --------------------------------------

@@ -154,6 +154,7 @@ class Announcer:
 def build_announcement(server: AgentServer, seq: int, leaving: bool,
                        keys: Callable[[], Sequence[bytes]] | None = None) -> AgentAnnouncement:
     """The announcement of ``server`` now (any thread). ``keys`` lists the chunk keys to summarise."""
+    from pdx.config import shared_tier_ids
     from pdx.scheduler.messages import AgentLoad, WorkerRole
     from pdx.scheduler.summary import KeySummary
 
@@ -178,6 +179,7 @@ def build_announcement(server: AgentServer, seq: int, leaving: bool,
         chunk_tokens=cfg.store.chunk_tokens,
         namespace=cfg.store.namespace,
         keys=summary,
+        shared_tiers=tuple(shared_tier_ids(cfg.store)),
         heartbeat_s=cfg.registration.heartbeat_s,
         seq=seq,
         timestamp=time.time(),

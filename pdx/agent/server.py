@@ -278,7 +278,7 @@ class AgentServer:
 
     def h_lookup(self, a: dict[str, Any]) -> Any:
         store, _t, _l = self.require_store()
-        if a["remote"] and store.redis is not None:
+        if a["remote"] and store.remote_tiers:
             return self._deferred(self._lookup, store, a["keys"], True)
         return self._lookup(store, a["keys"], False)
 
@@ -442,9 +442,7 @@ class AgentServer:
                            "free_slabs": st.free_slabs, "reserved_slabs": st.reserved_slabs,
                            "pinned_slabs": st.pinned_slabs, "chunks": st.chunks, "used_bytes": st.used_bytes,
                            "capacity_bytes": st.slab_count * st.slab_size, "leases": st.leases}
-            doc["tiers"] = {"l1": {"chunks": st.chunks, "used_bytes": st.used_bytes},
-                            "disk": {"enabled": store.disk is not None, "chunks": st.disk_chunks},
-                            "redis": {"enabled": store.redis is not None, "reachable": st.redis_reachable}}
+            doc["tiers"] = {"l1": {"chunks": st.chunks, "used_bytes": st.used_bytes}, **store.tier_health()}
         else:
             doc["pool"] = None
             doc["tiers"] = None

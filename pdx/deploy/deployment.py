@@ -34,6 +34,7 @@ import yaml
 from pdx.config import ENV_PREFIX, ProxyConfig, StoreConfig, TransportConfig, data_dir, doc_field, from_dict
 from pdx.deploy import credentials
 from pdx.errors import ConfigError, PdxError
+from pdx.transport import ucx_env
 
 STATE_FILE = "deployment.json"
 PROXY_READY_PREFIX = "pdx-proxy: serving on "
@@ -113,6 +114,7 @@ class Deployment:
         # PDX__ overrides were applied to this deployment's config, which is written out in full
         # for every child; passed on, they would be read again as keys of the children's configs.
         self.child_env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+        ucx_env.prepare(self.child_env)
 
     @property
     def api_key(self) -> str:

@@ -27,6 +27,7 @@ import yaml
 from pdx.agent.cli import READY_PREFIX
 from pdx.agent.client import AgentClient
 from pdx.errors import AgentError
+from pdx.transport import ucx_env
 
 
 def short_dir(base: Path, name: str) -> Path:
@@ -60,7 +61,7 @@ class AgentProcess:
         self.engine = list(engine)
         self.log_level = log_level
         self.env = dict(os.environ if env is None else env)
-        self.env.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+        ucx_env.prepare(self.env)
         self.proc: subprocess.Popen[bytes] | None = None
         self.info: dict[str, Any] = {}
         self.out_path = self.workdir / "agent.out"

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from pdx.errors import EngineError
+from pdx.transport import ucx_env
 
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
@@ -146,6 +147,7 @@ def vllm_command(opts: VllmOptions, run_dir: Path, port: int,
         "PYTHONUNBUFFERED": "1",
     })
     env.update(opts.extra_env)
+    ucx_env.prepare(env)  # vLLM's own NixlConnector loads NIXL too
     return argv, env
 
 

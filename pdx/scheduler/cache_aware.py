@@ -4,7 +4,8 @@ For each candidate worker the policy computes the prompt's chunk keys in that
 worker's key space (``pdx.keys.chunk_keys`` with the fingerprint and chunk size
 its agent announced) and asks how many leading keys the worker holds: from its
 agent's key summary (a Bloom filter) or from the proxy's own hints (keys it sent
-there recently). Then:
+there recently, or sent to any worker sharing a tier with it: ``shared_tiers``
+in the announcements). Then:
 
 1. **Skip prefill** (``skip_prefill``): if a decode worker holds every full chunk
    of the prompt, the request goes straight to it; it loads the chunks from its
@@ -71,4 +72,7 @@ class CacheAware(RoutingPolicy):
 
     def observe(self, req: RouteRequest, worker: Worker) -> None:
         if req.token_ids is not None and worker.hints.capacity:
-            worker.hints.add(req.keys(worker.key_space))
+            keys = req.keys(worker.key_space)
+            worker.hints.add(keys)
+            for shared in worker.shared:  # written through to a shared tier: others can load them
+                shared.add(keys)

@@ -87,6 +87,9 @@ class AgentAnnouncement:
     chunk_tokens: int = 0
     namespace: str = ""
     keys: KeySummary | None = None  # chunks held (all tiers the agent can serve quickly)
+    #: ids of the shared tiers the agent writes every chunk to (``pdx.config.shared_tier_ids``):
+    #: a chunk any worker with that tier computed is one this worker can load
+    shared_tiers: tuple[str, ...] = ()
     heartbeat_s: float = 1.0  # the sender's announcement period
     seq: int = 0  # increases with every announcement of one agent process
     timestamp: float = 0.0
@@ -110,6 +113,7 @@ class AgentAnnouncement:
             "chunk_tokens": self.chunk_tokens,
             "namespace": self.namespace,
             "keys": self.keys.to_dict() if self.keys is not None else None,
+            "shared_tiers": list(self.shared_tiers),
             "heartbeat_s": self.heartbeat_s,
             "seq": self.seq,
             "timestamp": self.timestamp,
@@ -149,6 +153,10 @@ class AgentAnnouncement:
         if extra:
             raise WireError(f"load: unknown field {extra[0]!r}")
         load = AgentLoad(**{k: _count(load_raw, k, f"load.{k}") for k in load_raw})
+        shared = raw.get("shared_tiers", [])
+        if not isinstance(shared, (list, tuple)) or len(shared) > MAX_MODELS \
+                or not all(isinstance(t, str) and 0 < len(t) <= MAX_STR for t in shared):
+            raise WireError(f"shared_tiers: expected a list of at most {MAX_MODELS} ids")
         keys_raw = raw.get("keys")
         keys = KeySummary.from_dict(keys_raw) if keys_raw is not None else None
         heartbeat_s = _num(raw, "heartbeat_s", 1.0)
@@ -167,6 +175,7 @@ class AgentAnnouncement:
             chunk_tokens=_count(raw, "chunk_tokens", "chunk_tokens"),
             namespace=_opt_str(raw, "namespace"),
             keys=keys,
+            shared_tiers=tuple(shared),
             heartbeat_s=heartbeat_s,
             seq=_count(raw, "seq", "seq"),
             timestamp=_num(raw, "timestamp", 0.0),

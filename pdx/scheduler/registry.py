@@ -122,6 +122,9 @@ class Worker:
     heartbeat_timeout_s: float = 5.0
     left: bool = False
     hints: KeyHints = field(default_factory=lambda: KeyHints(0))
+    #: hints of the shared tiers this worker writes to and loads from (one object per tier id,
+    #: shared by every worker announcing that tier)
+    shared: tuple[KeyHints, ...] = ()
     default_chunk_tokens: int = 256
     routed: int = 0  # requests this proxy sent here in total
     engine_models: tuple[str, ...] = ()  # from the engine's /v1/models (health loop)
@@ -162,12 +165,14 @@ class Worker:
         return KeySpace(HINT_FINGERPRINT, self.default_chunk_tokens)
 
     def held_prefix(self, keys: Sequence[bytes]) -> int:
-        """Leading ``keys`` (in this worker's key space) its agent or the proxy's hints hold."""
+        """Leading ``keys`` (in this worker's key space) its agent, the proxy's hints, or a shared
+        tier it reads from (keys any worker with that tier was sent) hold."""
         summary = self.announcement.keys if self.announcement else None
         hints = self.hints
+        shared = self.shared
         n = 0
         for k in keys:
-            if not (k in hints or (summary is not None and k in summary)):
+            if not (k in hints or (summary is not None and k in summary) or any(k in h for h in shared)):
                 break
             n += 1
         return n
@@ -201,6 +206,7 @@ class WorkerRegistry:
         self.clock = clock
         self._workers: dict[str, Worker] = {}
         self._by_url: dict[str, Worker] = {}
+        self._shared: dict[str, KeyHints] = {}  # shared tier id -> keys sent to workers using it
         for wc in static:
             url = normalize_url(wc.url)
             wid = wc.id or urlsplit(url).netloc
@@ -277,6 +283,7 @@ class WorkerRegistry:
             return w  # a late, reordered heartbeat: keep the newer one
         was_out = not w.available(self.clock())
         w.announcement = msg
+        w.shared = tuple(self._shared.setdefault(t, KeyHints(self.hint_keys)) for t in msg.shared_tiers)
         w.last_heartbeat = self.clock()
         w.heartbeat_timeout_s = max(self.heartbeat_timeout_s, 2.5 * msg.heartbeat_s)
         w.left = False

@@ -92,6 +92,9 @@ class DiskTier(LowerTier):
     """L2 on a local folder. See the module docstring."""
 
     tier = Tier.DISK
+    local = True
+    #: folder under the agent's data dir when ``path`` is empty
+    default_dir = "disk-cache"
 
     def __init__(self, config: DiskConfig, *, chunk_fingerprint: str, data_dir: Path | None,
                  metrics: StoreMetrics, clock: Callable[[], float] = time.monotonic) -> None:
@@ -99,9 +102,9 @@ class DiskTier(LowerTier):
         if config.path:
             root = Path(config.path).expanduser()
         elif data_dir is not None:
-            root = Path(data_dir) / "disk-cache"
+            root = Path(data_dir) / self.default_dir
         else:
-            raise StoreError("store.disk.path is empty and no data dir was given")
+            raise StoreError(f"store.tiers: the {self.tier.value} tier's path is empty and no data dir was given")
         self._fp = chunk_fingerprint.encode().ljust(16, b"\0")[:16]
         self.dir = root / chunk_fingerprint
         self._capacity = config.capacity
@@ -171,7 +174,7 @@ class DiskTier(LowerTier):
                 return None
             target = dest[: meta.nbytes]
             try:
-                got, digest = _read_and_hash(fd, target, HEADER_SIZE)
+                got, digest = self._read_payload(fd, target, HEADER_SIZE)
                 if got != meta.nbytes:
                     self._corrupt(key, path, f"payload truncated ({got} of {meta.nbytes} bytes)")
                     return None
@@ -231,7 +234,7 @@ class DiskTier(LowerTier):
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                _write_all(fd, [pack_header(item.key, self._fp, item.meta), item.data])
+                self._write_file(fd, pack_header(item.key, self._fp, item.meta), item.data)
                 if self._fsync:
                     os.fsync(fd)
             finally:
@@ -251,6 +254,16 @@ class DiskTier(LowerTier):
         if self._failing is not None:
             log.warning("disk tier: writes to %s work again", self.dir)
             self._failing = None
+
+    # --- payload I/O (the NIXL storage tier moves payloads with NIXL instead) ---------------
+
+    def _read_payload(self, fd: int, target: memoryview, offset: int) -> tuple[int, int]:
+        """Fill ``target`` from ``fd`` at ``offset``: ``(bytes read, xxh3-64)``. Raises ``OSError``."""
+        return _read_and_hash(fd, target, offset)
+
+    def _write_file(self, fd: int, header: bytes, data: memoryview | bytes) -> None:
+        """Write ``header`` then ``data`` from offset 0 of ``fd``. Raises ``OSError``."""
+        _write_all(fd, [header, data])
 
     def _warn_failing(self, why: str) -> None:
         if self._failing is None:

@@ -25,7 +25,6 @@ connection pool of ``max_connections``); writes run on the tier's writer thread.
 from __future__ import annotations
 
 import logging
-import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -43,39 +42,11 @@ from pdx.keys import ChunkKey
 from pdx.store.metrics import StoreMetrics
 from pdx.store.tier import LowerTier, Sink, WriteItem
 from pdx.store.types import ChunkMeta, Tier
+from pdx.store.value import HEADER_SIZE, pack_header, unpack_value
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"PDXR"
-VERSION = 1
-_HEADER = struct.Struct("<4sHHIIQQ")
-HEADER_SIZE = _HEADER.size
-assert HEADER_SIZE == 32
-
 _FAILURES = (redis.RedisError, OSError)
-
-
-def pack_header(meta: ChunkMeta) -> bytes:
-    return _HEADER.pack(MAGIC, VERSION, HEADER_SIZE, meta.num_tokens, 0, meta.checksum, meta.nbytes)
-
-
-def pack_value(meta: ChunkMeta, payload: bytes | memoryview) -> bytes:
-    """Header and payload as one value (a copy; the tier itself sends them without joining)."""
-    return b"".join((pack_header(meta), payload))
-
-
-def unpack_value(value: bytes) -> tuple[ChunkMeta, memoryview]:
-    """``(meta, payload view)``; ``ValueError`` saying what is wrong. Checksum not yet checked."""
-    if len(value) < HEADER_SIZE:
-        raise ValueError(f"value of {len(value)} bytes is shorter than the header")
-    magic, version, hsize, num_tokens, _r, csum, length = _HEADER.unpack_from(value, 0)
-    if magic != MAGIC:
-        raise ValueError(f"not a pdx chunk (magic {magic!r})")
-    if version != VERSION or hsize != HEADER_SIZE:
-        raise ValueError(f"chunk value version {version} (header {hsize}), expected {VERSION}")
-    if len(value) != HEADER_SIZE + length:
-        raise ValueError(f"value holds {len(value) - HEADER_SIZE} payload bytes, header says {length}")
-    return ChunkMeta(nbytes=length, checksum=csum, num_tokens=num_tokens), memoryview(value)[HEADER_SIZE:]
 
 
 class RedisTier(LowerTier):

@@ -1,11 +1,11 @@
-"""``ChunkStore``: the tiered KV chunk store an agent owns (L1 pool, disk, Redis).
+"""``ChunkStore``: the tiered KV chunk store an agent owns (L1 pool, then ``store.tiers``).
 
 Who calls what:
 
 * the agent's control loop, on behalf of the engine's connector: ``lookup`` /
   ``lookup_tokens`` (scheduler hot path: dict lookups only), ``reserve`` then
   ``commit`` / ``abort`` around a chunk the connector packs in place, ``get``
-  to load a prefix (promoting from disk/Redis into L1) and pin it, ``unpin`` /
+  to load a prefix (promoting from the lower tiers into L1) and pin it, ``unpin`` /
   ``release_owner`` when the request is done;
 * the agent's transfer threads: ``pin`` a chunk while it is sent, ``reserve`` /
   ``commit`` a chunk being received, ``view`` for the bytes;
@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from pdx.checksum import checksum as checksum_of
-from pdx.config import StoreConfig
+from pdx.config import StoreConfig, tier_type
 from pdx.errors import CapacityError, IntegrityError, StoreError
 from pdx.keys import ChunkKey, chunk_keys
 from pdx.layout import KVLayout
@@ -61,7 +61,7 @@ L1 = Tier.L1.value
 
 
 class ChunkStore:
-    """L1 slab pool + index + eviction policy + optional disk and Redis tiers.
+    """L1 slab pool + index + eviction policy + the lower tiers of ``config.lower_tiers``, in order.
 
     ``slab_size`` is the largest chunk in bytes (normally
     ``layout.chunk_bytes(config.chunk_tokens)``; ``config.l1.slab_size`` wins when
@@ -96,16 +96,15 @@ class ChunkStore:
         self._index = L1Index(count, make_policy(config.l1.eviction.value, count))
         self._slab_size = self.pool.slab_size
         self._writeback = WriteBack(self.pool, self._index, self._lock)
-        self.disk: LowerTier | None = None
-        self.redis: LowerTier | None = None
+        #: the tiers below L1 in configured order; local ones (an in-memory index) are asked
+        #: on every lookup, remote ones only when a caller asks with ``remote=True``
+        self.tiers: list[LowerTier] = []
         ddir = Path(data_dir) if data_dir is not None else None
         try:
-            for name, cfg in (("disk", config.disk), ("redis", config.redis)):
-                if not cfg.enabled:
-                    continue
-                tier = TIERS.get(name)(cfg, chunk_fingerprint=chunk_fingerprint, data_dir=ddir,
-                                       metrics=self.metrics, clock=clock)
-                setattr(self, name, tier)
+            for cfg in config.lower_tiers:
+                tier = TIERS.get(tier_type(cfg))(cfg, chunk_fingerprint=chunk_fingerprint, data_dir=ddir,
+                                                 metrics=self.metrics, clock=clock)
+                self.tiers.append(tier)
                 self._writeback.add(tier, cfg.write)
                 self.metrics.bind_usage(tier.tier, tier.used_bytes, tier.capacity_bytes, tier.chunk_count)
         except BaseException:
@@ -116,6 +115,28 @@ class ChunkStore:
                                 lambda: count * self._slab_size, lambda: len(idx.entries))
         self.metrics.pinned_slabs.set_function(lambda: idx.pinned_slabs)
         self.metrics.reserved_slabs.set_function(lambda: len(idx.reservations))
+
+    @property
+    def local_tiers(self) -> list[LowerTier]:
+        return [t for t in self.tiers if t.local]
+
+    @property
+    def remote_tiers(self) -> list[LowerTier]:
+        return [t for t in self.tiers if not t.local]
+
+    def tier(self, kind: Tier) -> LowerTier | None:
+        """The lower tier of type ``kind``, if configured (there is at most one of each)."""
+        return next((t for t in self.tiers if t.tier is kind), None)
+
+    @property
+    def disk(self) -> LowerTier | None:
+        """Shorthand for ``tier(Tier.DISK)`` (tests and tools)."""
+        return self.tier(Tier.DISK)
+
+    @property
+    def redis(self) -> LowerTier | None:
+        """Shorthand for ``tier(Tier.REDIS)`` (tests and tools)."""
+        return self.tier(Tier.REDIS)
 
     @classmethod
     def from_layout(cls, config: StoreConfig, layout: KVLayout, data_dir: str | Path | None = None,
@@ -312,31 +333,35 @@ class ChunkStore:
     def lookup(self, keys: Sequence[ChunkKey], remote: bool = False) -> LookupResult:
         """Which tier holds each key, and how many leading keys are present.
 
-        Local tiers only (memory dict lookups) unless ``remote``: then keys found
-        nowhere locally are checked in Redis with one pipelined round trip.
+        L1 and the local tiers only (memory dict lookups) unless ``remote``: then
+        keys found nowhere locally are asked of each remote tier in turn (one
+        batched existence check per tier, bounded by its timeout).
         """
         entries = self._index.entries
-        disk = self.disk
+        local = self.local_tiers
         with self._lock:
-            if disk is None:
-                tiers = [Tier.L1 if k in entries else None for k in keys]
-            else:
-                has = disk.has
-                tiers = [Tier.L1 if k in entries else Tier.DISK if has(k) else None for k in keys]
-        if remote and self.redis is not None:
-            missing = [i for i, t in enumerate(tiers) if t is None]
-            if missing:
-                there = self.redis.exists([keys[i] for i in missing])
+            tiers: list[Tier | None] = []
+            for k in keys:
+                if k in entries:
+                    tiers.append(Tier.L1)
+                else:
+                    tiers.append(next((t.tier for t in local if t.has(k)), None))
+        searched = [Tier.L1] + [t.tier for t in local]
+        if remote:
+            for rt in self.remote_tiers:
+                searched.append(rt.tier)
+                missing = [i for i, t in enumerate(tiers) if t is None]
+                if not missing:
+                    continue
+                there = rt.exists([keys[i] for i in missing])
                 for i, yes in zip(missing, there):
                     if yes:
-                        tiers[i] = Tier.REDIS
+                        tiers[i] = rt.tier
         prefix = 0
         for t in tiers:
             if t is None:
                 break
             prefix += 1
-        searched = [Tier.L1] + ([Tier.DISK] if self.disk is not None else []) + \
-            ([Tier.REDIS] if remote and self.redis is not None else [])
         self.metrics.count_lookup(tiers, prefix, searched, self.chunk_tokens)
         return LookupResult(tuple(keys), tuple(tiers), prefix, self.chunk_tokens)
 
@@ -357,9 +382,9 @@ class ChunkStore:
         """
         n = len(keys)
         pins: list[Pin | None] = [None] * n
-        from_disk: list[int] = []
-        from_redis: list[int] = []
-        use_redis = remote and self.redis is not None
+        local = self.local_tiers
+        usable = local + (self.remote_tiers if remote else [])
+        pending: list[int] = []  # not in L1, maybe in a lower tier
         with self._lock:
             self._check_open()
             now = self._reap(self._clock())
@@ -370,21 +395,23 @@ class ChunkStore:
                 if lease is not None:
                     pins[i] = self._pin(lease)
                     l1_tokens += lease.entry.num_tokens
-                elif self.disk is not None and self.disk.has(key):
-                    from_disk.append(i)
-                elif use_redis:
-                    from_redis.append(i)
+                elif len(usable) > len(local) or any(t.has(key) for t in local):
+                    pending.append(i)
                 else:
                     break
         l1_hits = sum(p is not None for p in pins)
         self.metrics.count(L1, "get", l1_hits, l1_tokens, n - l1_hits, self.chunk_tokens)
-        if from_disk and self.disk is not None:
-            failed = self._promote(self.disk, keys, from_disk, pins, owner, expires,
-                                   stop_at_miss=not use_redis)
-            if use_redis and failed:
-                from_redis = sorted(from_redis + failed)
-        if from_redis and self.redis is not None:
-            self._promote(self.redis, keys, from_redis, pins, owner, expires, stop_at_miss=True)
+        for j, tier in enumerate(usable):
+            if not pending:
+                break
+            wanted = [i for i in pending if tier.has(keys[i])] if tier.local else pending
+            if not wanted:
+                continue
+            # The last tier that could serve stops at its first miss: later chunks would not be used.
+            failed = set(self._promote(tier, keys, wanted, pins, owner, expires,
+                                       stop_at_miss=j == len(usable) - 1))
+            done = set(wanted) - failed
+            pending = [i for i in pending if i not in done]
         # Only the leading run is useful to the caller: let the rest go (it stays in L1).
         cut = next((i for i, p in enumerate(pins) if p is None), n)
         late = [p.lease_id for p in pins[cut:] if p is not None]
@@ -503,9 +530,8 @@ class ChunkStore:
         """Wait until every queued write-behind reached its tier; ``False`` on timeout."""
         deadline = time.monotonic() + timeout_s
         ok = True
-        for tier in (self.disk, self.redis):
-            if tier is not None:
-                ok = tier.flush(max(0.0, deadline - time.monotonic())) and ok
+        for tier in self.tiers:
+            ok = tier.flush(max(0.0, deadline - time.monotonic())) and ok
         return ok
 
     def keys(self) -> list[ChunkKey]:
@@ -520,9 +546,18 @@ class ChunkStore:
                 slab_size=self._slab_size, slab_count=idx.slab_count, free_slabs=idx.free_slabs,
                 reserved_slabs=len(idx.reservations), pinned_slabs=idx.pinned_slabs,
                 chunks=len(idx.entries), used_bytes=idx.used_bytes, leases=len(idx.leases),
-                disk_chunks=int(self.disk.chunk_count()) if self.disk is not None else 0,
-                redis_reachable=getattr(self.redis, "reachable", None),
+                disk_chunks=int(disk.chunk_count()) if (disk := self.disk) is not None else 0,
+                redis_reachable=redis.reachable if (redis := self.redis) is not None else None,
             )
+
+    def tier_health(self) -> dict[str, dict[str, Any]]:
+        """Per lower tier (by type): enabled, chunks held (where known), reachable. For health endpoints."""
+        out: dict[str, dict[str, Any]] = {
+            "disk": {"enabled": False, "chunks": 0}, "redis": {"enabled": False, "reachable": None}}
+        for t in self.tiers:
+            out[t.tier.value] = {"enabled": True, "local": t.local, "chunks": int(t.chunk_count()),
+                                 "reachable": t.reachable}
+        return out
 
     def close(self) -> None:
         """Drain write-behind (up to ``config.drain_s``), stop the tiers, unlink the pool. Idempotent."""
@@ -530,9 +565,8 @@ class ChunkStore:
             if self._closed:
                 return
             self._closed = True
-        for tier in (self.disk, self.redis):
-            if tier is not None:
-                tier.close(self.config.drain_s)
+        for tier in getattr(self, "tiers", ()):
+            tier.close(self.config.drain_s)
         if hasattr(self, "pool"):
             self.pool.close()
 

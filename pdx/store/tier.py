@@ -1,10 +1,16 @@
-"""The interface of the tiers below L1 (disk, Redis) and their write-behind worker.
+"""The interface of the tiers below L1 (disk, Redis, Mooncake, S3) and their write-behind worker.
+
+Each tier lives in its own module and is registered by its ``type:`` tag in
+``TIERS``; ``ChunkStore`` builds the tiers of ``store.tiers`` in order.
 
 A lower tier stores chunks as ``(key, payload, ChunkMeta)`` and hands them back
 verified. Its contract, for ``ChunkStore``:
 
-* ``has(key)``: cheap local membership (an in-memory index); tiers without one
-  (Redis) answer ``False`` and are asked through ``exists``. Non-blocking.
+* ``local``: ``True`` for a tier with an in-memory index of what it holds
+  (disk); lookups ask it every time. Remote tiers (Redis, Mooncake, S3) are
+  asked only when the caller wants remote lookups.
+* ``has(key)``: cheap local membership (an in-memory index); remote tiers
+  answer ``False`` and are asked through ``exists``. Non-blocking.
 * ``exists(keys)``: membership, may block on the network. Never raises.
 * ``read(keys, sink)``: blocking. For each chunk found, the tier calls
   ``sink(i, meta)`` for a destination (a writable memoryview of at least
@@ -58,6 +64,8 @@ class LowerTier(ABC):
     """Base of the tiers below L1: the write-behind queue and writer thread live here."""
 
     tier: ClassVar[Tier]
+    #: has an in-memory index (``has``); remote tiers are asked through ``exists``
+    local: ClassVar[bool] = False
     #: keys per ``read`` call the store makes (bounds the memory of one reply)
     read_batch: int = 8
 
@@ -91,6 +99,11 @@ class LowerTier(ABC):
     @abstractmethod
     def write_batch(self, items: list[WriteItem]) -> None:
         """Write ``items`` (called on the writer thread only). Failures are logged and counted."""
+
+    @property
+    def reachable(self) -> bool:
+        """False while a remote tier treats its server as gone (every call a miss until a retry works)."""
+        return True
 
     def used_bytes(self) -> float:
         return 0.0
@@ -172,3 +185,6 @@ class TierFactory(Protocol):
 TIERS: Registry[TierFactory] = Registry("store tier")
 TIERS.add("disk", "pdx.store.disk:DiskTier")
 TIERS.add("redis", "pdx.store.redis_tier:RedisTier", install="pip install 'pdx[redis]'")
+TIERS.add("mooncake", "pdx.store.mooncake_tier:MooncakeTier", install="pip install 'pdx[mooncake]'")
+TIERS.add("s3", "pdx.store.s3_tier:S3Tier", install="pip install 'pdx[s3]'")
+TIERS.add("nixl", "pdx.store.nixl_tier:NixlStorageTier", install="pip install 'pdx[nixl]'")

@@ -24,6 +24,9 @@ class Tier(str, Enum):
     L1 = "l1"
     DISK = "disk"
     REDIS = "redis"
+    MOONCAKE = "mooncake"
+    S3 = "s3"
+    NIXL = "nixl"
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +90,7 @@ class LookupResult:
     """Where each chunk of a prompt lives, and how long the leading run of present chunks is.
 
     ``tiers[i]`` is the fastest tier holding ``keys[i]`` (``None``: nowhere, or
-    not asked: Redis is only consulted with ``remote=True``). ``prefix_chunks``
+    not asked: remote tiers are only consulted with ``remote=True``). ``prefix_chunks``
     counts the leading keys that are present somewhere; those tokens can be
     loaded instead of recomputed.
     """

@@ -49,6 +49,7 @@ import numpy as np
 from pdx.checksum import checksum
 from pdx.config import TransportConfig
 from pdx.errors import BackendUnavailable, ConnectError, TransportError, WireError
+from pdx.transport import ucx_env
 from pdx.transport.base import (
     BatchHandle,
     ChunkOp,
@@ -83,6 +84,7 @@ def load_nixl() -> Any:
 
     Raises ``BackendUnavailable`` with the install command when neither imports.
     """
+    ucx_env.prepare()  # before UCX loads: see pdx.transport.ucx_env
     errors = []
     for name in ("nixl._api", "nixl_cu12._api"):
         try:

@@ -49,6 +49,7 @@ import numpy as np
 
 from pdx.config import TransportConfig
 from pdx.errors import BackendUnavailable, ConnectError, TransportError, WireError
+from pdx.transport import ucx_env
 from pdx.transport.base import (
     BatchHandle,
     ChunkOp,
@@ -79,6 +80,7 @@ _INSTALL = "pip install 'pdx[ucx]'"
 
 def load_ucxx() -> tuple[Any, Any]:
     """``(libucxx, Array)`` from ucxx's core API; ``BackendUnavailable`` with the install command."""
+    ucx_env.prepare()  # before UCX loads: see pdx.transport.ucx_env
     try:
         from ucxx._lib import libucxx
         from ucxx._lib.arr import Array

@@ -24,7 +24,7 @@ import pytest
 
 from pdx.config import TransportConfig
 from pdx.errors import BackendUnavailable
-from pdx.transport import TRANSPORTS, create
+from pdx.transport import TRANSPORTS, create, ucx_env
 from pdx.transport.base import ChunkOp, OpKind, OpStatus, PeerId, Transport
 from pdx.transport.cuda_ipc import load_cuda
 
@@ -52,7 +52,7 @@ class Peer:
     def __init__(self, backend: str, nbytes: int, log_path: Path) -> None:
         self.log_path = log_path
         cfg = json.dumps({k: getattr(CONFIG, k) for k in CONFIG.__dataclass_fields__})
-        env = dict(os.environ, UCX_WARN_UNUSED_ENV_VARS="n", PYTHONPATH=str(REPO))
+        env = ucx_env.child_env(PYTHONPATH=str(REPO))
         with open(log_path, "w") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-u", str(PEER), "--backend", backend, "--nbytes", str(nbytes), "--config", cfg],

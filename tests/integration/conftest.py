@@ -13,6 +13,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -85,6 +86,41 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server = RedisServer(binary, tmp_path_factory.mktemp("redis"))
     server.start()
     try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def mooncake_master(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real ``mooncake_master`` with its HTTP metadata server, on free loopback ports."""
+    from bench.servers import MooncakeMaster
+
+    try:
+        import mooncake.store  # noqa: F401  (needs libibverbs.so.1: ./dev installs libibverbs1)
+        master = MooncakeMaster(tmp_path_factory.mktemp("mooncake"))
+    except (ImportError, FileNotFoundError) as exc:
+        pytest.skip(f"Mooncake is not installed ({exc}); ./dev installs pdx[mooncake] and libibverbs1")
+    master.start()
+    try:
+        yield master
+    finally:
+        master.stop()
+
+
+@pytest.fixture
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """moto's S3-compatible server on a free loopback port, with bucket ``pdx-test``."""
+    from bench.servers import MotoS3
+
+    try:
+        import moto.server  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"moto[server] is not installed ({exc}); ./dev installs pdx[dev]")
+    server = MotoS3(tmp_path_factory.mktemp("s3"))
+    server.start()
+    try:
+        server.create_bucket("pdx-test")
         yield server
     finally:
         server.stop()

@@ -29,7 +29,7 @@ from transport_peer import CudaMemory, HostMemory, make_memory
 
 from pdx.config import TransportConfig
 from pdx.errors import AuthError, BackendUnavailable, PeerIncompatible, TransferTimeout
-from pdx.transport import TRANSPORTS, create, handshake
+from pdx.transport import TRANSPORTS, create, handshake, ucx_env
 from pdx.transport.base import (
     WIRE_VERSION,
     BatchResult,
@@ -61,7 +61,7 @@ class Peer:
     def __init__(self, backend: str, nbytes: int, log_dir: Path, memory: str,
                  config: TransportConfig = CONFIG, fingerprint: str = FINGERPRINT) -> None:
         self.log_path = log_dir / f"peer-{backend}-{time.monotonic_ns()}.log"
-        env = dict(os.environ, UCX_WARN_UNUSED_ENV_VARS="n", PYTHONPATH=str(REPO))
+        env = ucx_env.child_env(PYTHONPATH=str(REPO))
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-u", str(PEER_SCRIPT), "--backend", backend, "--nbytes", str(nbytes),

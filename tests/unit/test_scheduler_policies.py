@@ -262,3 +262,34 @@ def test_hf_tokenizer_without_transformers(tmp_path: Path, monkeypatch: pytest.M
 def test_hf_tokenizer_missing_folder(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="tokenizer"):
         load_tokenizer(str(tmp_path / "nothing"))
+
+
+def test_cache_aware_counts_what_a_shared_tier_holds() -> None:
+    # Two "both" workers write every chunk to one Mooncake store; a third does not share it.
+    reg = WorkerRegistry(default_chunk_tokens=CHUNK)
+    ids = ["a", "b", "c"]
+    for i, wid in enumerate(ids):
+        reg.announce(AgentAnnouncement(
+            agent_id=wid, role=WorkerRole.BOTH, engine_url=f"http://127.0.0.1:{8300 + i}",
+            shared_tiers=("mooncake:http://10.0.0.5:8080/metadata#pdx:",) if wid != "c" else ()))
+    a, b, c = (reg.by_url(f"http://127.0.0.1:{8300 + i}") for i in range(3))
+    assert a and b and c
+    pol = make_policy("cache_aware", CacheAwareConfig(chunk_tokens=CHUNK))
+    req = _req(_prompt(4, "tail"))
+    pol.observe(req, a)  # a computed the prompt and wrote its chunks through to the shared tier
+    assert b.held_prefix(req.keys(b.key_space)) == 4  # not a miss on b: it loads them from the tier
+    assert c.held_prefix(req.keys(c.key_space)) == 0
+    # and the announcement carries the ids over the wire
+    msg = AgentAnnouncement(agent_id="a", role=WorkerRole.BOTH, engine_url="http://127.0.0.1:8300",
+                            shared_tiers=("redis:redis://10.0.0.6:6379/0#pdx:",))
+    assert AgentAnnouncement.from_dict(msg.to_dict()).shared_tiers == msg.shared_tiers
+
+
+def test_shared_tier_ids_name_write_through_remote_tiers() -> None:
+    from pdx.config import StoreConfig, load_config, shared_tier_ids
+
+    cfg = load_config(StoreConfig, data={"tiers": [
+        {"type": "disk"}, {"type": "redis", "url": "redis://r:6379/0", "write": "all"},
+        {"type": "mooncake", "metadata_server": "http://m:8080/metadata"},
+        {"type": "s3", "bucket": "kv", "write": "evicted"}]}, env={})
+    assert shared_tier_ids(cfg) == ["redis:redis://r:6379/0#pdx:", "mooncake:http://m:8080/metadata#pdx:"]

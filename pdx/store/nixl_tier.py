@@ -1,0 +1,103 @@
+"""Local chunk files moved by a NIXL storage plugin: POSIX here, GDS / GDS_MT on CUDA hosts.
+
+The same files, header, index, capacity and failure handling as the disk tier
+(``pdx.store.disk``; it is a ``DiskTier`` with ``tier = Tier.NIXL``), but each
+payload goes between memory and its file through a NIXL agent's storage
+backend (``plugin``) instead of ``pwritev``/``preadv``: the buffer and the
+file are registered (``DRAM`` and ``FILE`` descriptors), one ``WRITE`` or
+``READ`` transfer moves the payload, and the header is written and read with
+plain calls. With GDS a GPU region can later take the place of the buffer.
+
+Blocking: a transfer is polled to completion (bounded by ``TRANSFER_TIMEOUT_S``)
+in the calling thread (reads: the store's ``get``; writes: the tier's writer).
+One NIXL agent per tier, used under a lock. Raises ``BackendUnavailable`` at
+creation when NIXL or the plugin is missing (GDS without CUDA, for instance).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pdx.checksum import checksum
+from pdx.config import NixlStorageConfig
+from pdx.errors import BackendUnavailable
+from pdx.store.disk import DiskTier
+from pdx.store.metrics import StoreMetrics
+from pdx.store.types import Tier
+from pdx.transport.nixl import load_nixl
+
+#: longest one payload transfer may take before it counts as an I/O failure
+TRANSFER_TIMEOUT_S = 30.0
+
+
+class NixlStorageTier(DiskTier):
+    """A local tier whose payload I/O goes through NIXL (see the module docstring)."""
+
+    tier = Tier.NIXL
+    default_dir = "nixl-cache"
+
+    def __init__(self, config: NixlStorageConfig, *, chunk_fingerprint: str, data_dir: Path | None,
+                 metrics: StoreMetrics, clock: Callable[[], float] = time.monotonic) -> None:
+        api = load_nixl()
+        self.plugin = config.plugin
+        self._xfer_lock = threading.Lock()
+        self._name = f"pdx-store-{config.plugin.lower()}-{os.getpid()}-{id(self):x}"
+        agent = api.nixl_agent(self._name, api.nixl_agent_config(enable_prog_thread=False, backends=[]))
+        if config.plugin not in agent.get_plugin_list():
+            raise BackendUnavailable(f"store tier 'nixl': NIXL has no {config.plugin} plugin here "
+                                     f"(plugins: {', '.join(agent.get_plugin_list())})")
+        try:
+            agent.create_backend(config.plugin, {})
+        except Exception as exc:  # NIXL raises its own types; GDS without CUDA lands here
+            raise BackendUnavailable(f"store tier 'nixl': the {config.plugin} plugin does not start on this "
+                                     f"host ({exc}); GDS and GDS_MT need CUDA and GPUDirect Storage") from exc
+        self._agent: Any = agent
+        super().__init__(config, chunk_fingerprint=chunk_fingerprint, data_dir=data_dir, metrics=metrics,
+                         clock=clock)
+
+    def _move(self, op: str, buf: np.ndarray, fd: int, offset: int) -> None:
+        """One NIXL transfer of ``buf`` to (``WRITE``) or from (``READ``) ``fd`` at ``offset``."""
+        a = self._agent
+        n = int(buf.nbytes)
+        with self._xfer_lock:
+            mem = a.register_memory(a.get_reg_descs([(buf.ctypes.data, n, 0, "")], "DRAM"))
+            fmem = a.register_memory(a.get_reg_descs([(offset, n, fd, "")], "FILE"))
+            handle = None
+            try:
+                handle = a.initialize_xfer(op, a.get_xfer_descs([(buf.ctypes.data, n, 0)], "DRAM"),
+                                           a.get_xfer_descs([(offset, n, fd)], "FILE"), self._name)
+                state = a.transfer(handle)
+                deadline = time.monotonic() + TRANSFER_TIMEOUT_S
+                while state not in ("DONE", "ERR"):
+                    if time.monotonic() > deadline:
+                        raise OSError(f"NIXL {self.plugin} {op} of {n} bytes did not finish in "
+                                      f"{TRANSFER_TIMEOUT_S:.0f}s")
+                    state = a.check_xfer_state(handle)
+                if state == "ERR":
+                    raise OSError(f"NIXL {self.plugin} {op} of {n} bytes failed")
+            finally:
+                if handle is not None:
+                    a.release_xfer_handle(handle)
+                a.deregister_memory(fmem)
+                a.deregister_memory(mem)
+
+    def _read_payload(self, fd: int, target: memoryview, offset: int) -> tuple[int, int]:
+        size = os.fstat(fd).st_size
+        n = max(0, min(len(target), size - offset))
+        if n:
+            self._move("READ", np.frombuffer(target, np.uint8, n), fd, offset)
+        return n, checksum(target[:n])
+
+    def _write_file(self, fd: int, header: bytes, data: memoryview | bytes) -> None:
+        os.pwrite(fd, header, 0)
+        payload = np.frombuffer(data, np.uint8)
+        if payload.nbytes:
+            os.ftruncate(fd, len(header) + payload.nbytes)
+            self._move("WRITE", payload, fd, len(header))
