@@ -23,7 +23,7 @@ import pytest
 from conftest_connector import CHUNK_TOKENS, ENGINE_START_TIMEOUT_S, MAX_TOKENS, PdxStack, RedisServer
 
 from bench.servers import MooncakeMaster
-from pdx.engine.agent_engine import AgentEngine, Metrics
+from pdx.deploy.agent_engine import AgentEngine, Metrics
 from pdx.model import BuiltModel
 
 pytestmark = [pytest.mark.e2e, pytest.mark.mooncake, pytest.mark.redis]

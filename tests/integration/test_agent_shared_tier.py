@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from pdx.agent.client import AgentClient
-from pdx.agent.process import AgentProcess
+from pdx.deploy.process import AgentProcess
 from pdx.layout import KVDtype, KVLayout
 from pdx.store import attach
 
