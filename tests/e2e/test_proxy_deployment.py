@@ -186,7 +186,8 @@ def test_decode_engine_killed_every_later_request_succeeds(deployment: Deploymen
     import httpx
 
     def routable() -> bool:
-        doc = httpx.get(f"{deployment.url}/admin/workers", timeout=5).json()
+        doc = httpx.get(f"{deployment.url}/admin/workers", timeout=5,
+                        headers={"Authorization": f"Bearer {deployment.admin_key}"}).json()
         return any(w["id"] == "decode-0" and w["state"] == "healthy" for w in doc["workers"])
 
     _wait(routable, 240, "the restarted decode worker back in the proxy's pool")

@@ -56,11 +56,14 @@ def test_text_prompt_matches_token_prompt(plain_server: VllmServer, make_prompt:
 
 def test_different_prompts_give_different_outputs(plain_server: VllmServer, make_prompt: Callable[..., Any],
                                                   complete: Callable[..., dict[str, Any]]) -> None:
-    """A token changed early in the prompt changes the continuation: the output depends on context,
-    so a wrong KV block would show up as a different output."""
+    """Other tokens early in the prompt change the continuation: the output depends on context, so
+    wrong KV blocks would show up as a different output. (With the realistic N(0, 0.02) init the
+    random model's attention is nearly uniform, so one changed token no longer moves greedy output:
+    a whole early span is changed.)"""
     ids = make_prompt(PROMPT_TOKENS, seed=3).token_ids[:PROMPT_TOKENS]
     changed = list(ids)
-    changed[5] = (changed[5] + 1) % 1000 + 10  # stay clear of the special tokens 0-2
+    for i in range(5, PROMPT_TOKENS // 2):
+        changed[i] = (changed[i] + 1) % 1000 + 10  # stay clear of the special tokens 0-2
     a = complete(plain_server, ids, MAX_TOKENS)["choices"][0]["token_ids"]
     b = complete(plain_server, changed, MAX_TOKENS)["choices"][0]["token_ids"]
     assert a != b
