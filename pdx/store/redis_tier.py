@@ -35,14 +35,13 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from pdx.checksum import checksum
 from pdx.config import RedisConfig
 from pdx.errors import ConfigError
 from pdx.keys import ChunkKey
 from pdx.store.metrics import StoreMetrics
 from pdx.store.tier import LowerTier, Sink, WriteItem
 from pdx.store.types import ChunkMeta, Tier
-from pdx.store.value import HEADER_SIZE, pack_header, unpack_value
+from pdx.store.value import HEADER_SIZE, CorruptValue, copy_verified, pack_header
 
 log = logging.getLogger(__name__)
 
@@ -151,19 +150,12 @@ class RedisTier(LowerTier):
 
     def _deliver(self, i: int, name: bytes, value: bytes, sink: Sink, bad: list[bytes]) -> ChunkMeta | None:
         try:
-            meta, payload = unpack_value(value)
-        except ValueError as exc:
+            meta = copy_verified(value, lambda m: sink(i, m))
+        except CorruptValue as exc:
             self._corrupt(name, str(exc), bad)
             return None
-        with payload:
-            if checksum(payload) != meta.checksum:
-                self._corrupt(name, "payload checksum mismatch", bad)
-                return None
-            dest = sink(i, meta)
-            if dest is None:
-                return None
-            dest[: meta.nbytes] = payload
-        self.metrics.bytes_out[self._label].inc(meta.nbytes)
+        if meta is not None:
+            self.metrics.bytes_out[self._label].inc(meta.nbytes)
         return meta
 
     def _corrupt(self, name: bytes, why: str, bad: list[bytes]) -> None:

@@ -32,7 +32,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from pdx.checksum import checksum
 from pdx.config import S3Config
 from pdx.errors import BackendUnavailable, ConfigError
 from pdx.keys import ChunkKey
@@ -40,7 +39,7 @@ from pdx.store.metrics import StoreMetrics
 from pdx.store.remote import ServerHealth
 from pdx.store.tier import LowerTier, Sink, WriteItem
 from pdx.store.types import ChunkMeta, Tier
-from pdx.store.value import pack_header, unpack_value
+from pdx.store.value import CorruptValue, copy_verified, pack_header
 
 log = logging.getLogger(__name__)
 
@@ -160,19 +159,12 @@ class S3Tier(LowerTier):
 
     def _deliver(self, i: int, name: str, value: bytes, sink: Sink) -> ChunkMeta | None:
         try:
-            meta, payload = unpack_value(value)
-        except ValueError as exc:
+            meta = copy_verified(value, lambda m: sink(i, m))
+        except CorruptValue as exc:
             self._corrupt(name, str(exc))
             return None
-        with payload:
-            if checksum(payload) != meta.checksum:
-                self._corrupt(name, "payload checksum mismatch")
-                return None
-            dest = sink(i, meta)
-            if dest is None:
-                return None
-            dest[: meta.nbytes] = payload
-        self.metrics.bytes_out[self._label].inc(meta.nbytes)
+        if meta is not None:
+            self.metrics.bytes_out[self._label].inc(meta.nbytes)
         return meta
 
     def _corrupt(self, name: str, why: str) -> None:

@@ -5,16 +5,21 @@
     magic "PDXR" | version u16 | header size u16 | num_tokens u32 | reserved u32
     | checksum u64 (xxh3-64 of the payload) | length u64 | payload
 
-``unpack_value`` checks the header; the caller checks the payload's checksum.
+``unpack_value`` checks the header; ``copy_verified`` also checks the payload's checksum and copies
+it where the caller says: every remote tier's read path.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
+from typing import Any
 
+from pdx.checksum import checksum
 from pdx.store.types import ChunkMeta
 
-__all__ = ["HEADER_SIZE", "MAGIC", "VERSION", "pack_header", "pack_value", "unpack_value"]
+__all__ = ["HEADER_SIZE", "MAGIC", "VERSION", "CorruptValue", "copy_verified", "pack_header", "pack_value",
+           "unpack_value"]
 
 MAGIC = b"PDXR"
 VERSION = 1
@@ -43,3 +48,26 @@ def unpack_value(value: bytes) -> tuple[ChunkMeta, memoryview]:
     if len(value) != HEADER_SIZE + length:
         raise ValueError(f"value holds {len(value) - HEADER_SIZE} payload bytes, header says {length}")
     return ChunkMeta(nbytes=length, checksum=csum, num_tokens=num_tokens), memoryview(value)[HEADER_SIZE:]
+
+
+class CorruptValue(ValueError):
+    """A remote value whose header or payload checksum is wrong (the message says which)."""
+
+
+def copy_verified(value: bytes, dest_of: Callable[[ChunkMeta], Any]) -> ChunkMeta | None:
+    """Check ``value`` (header, then the payload's checksum) and copy its payload into ``dest_of(meta)``.
+
+    Returns the chunk's meta, or None when ``dest_of`` gave no destination. Raises ``CorruptValue``.
+    """
+    try:
+        meta, payload = unpack_value(value)
+    except ValueError as exc:
+        raise CorruptValue(str(exc)) from exc
+    with payload:
+        if checksum(payload) != meta.checksum:
+            raise CorruptValue("payload checksum mismatch")
+        dest = dest_of(meta)
+        if dest is None:
+            return None
+        dest[: meta.nbytes] = payload
+    return meta
