@@ -111,6 +111,8 @@ class Deployment:
         self.served_model_name = cfg.served_model_name
         self.run_root: Path | None = None
         self.creds: credentials.Credentials | None = None
+        self._retry_at: dict[str, float] = {}  # worker -> when supervise() may restart its agent again
+        self._backoff: dict[str, float] = {}
         # PDX__ overrides were applied to this deployment's config, which is written out in full
         # for every child; passed on, they would be read again as keys of the children's configs.
         self.child_env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
@@ -251,6 +253,42 @@ class Deployment:
                 pass
             time.sleep(0.2)
         raise PdxError(f"the proxy routes to {sorted(healthy)} but not yet to {sorted(want - healthy)}")
+
+    # --- supervision ---------------------------------------------------------------------------
+
+    #: first and longest wait between two restarts of a worker's agent that keeps exiting
+    RESTART_BACKOFF_S = (1.0, 60.0)
+
+    def supervise(self) -> list[str]:
+        """Restart the agent of every worker whose agent exited (a crash, a SIGKILL): the agent
+        launches its engine again and announces itself to the proxy. ``pdx up`` calls this about
+        once a second; each attempt blocks until the agent is ready (bounded by its start timeout),
+        and a worker whose agent keeps failing is retried with a doubling back-off. Returns the
+        names of the workers restarted now."""
+        from pdx.errors import AgentError
+
+        restarted = []
+        for name, worker in self.workers.items():
+            agent = worker.agent
+            if agent.alive() or time.monotonic() < self._retry_at.get(name, 0.0):
+                continue
+            code = agent.proc.returncode if agent.proc is not None else None
+            self.progress(f"{name}: pdx-agent exited (code {code}); restarting it")
+            agent.stop()  # reaps the old process, closes its pipe
+            try:
+                agent.start()
+            except AgentError as exc:
+                first, longest = self.RESTART_BACKOFF_S
+                wait = min(longest, self._backoff.get(name, first / 2) * 2)
+                self._backoff[name] = wait
+                self._retry_at[name] = time.monotonic() + wait
+                self.progress(f"{name}: pdx-agent did not start again ({exc}); next try in {wait:.0f} s")
+                continue
+            self._backoff.pop(name, None)
+            self._retry_at.pop(name, None)
+            restarted.append(name)
+            self.progress(f"{name}: pdx-agent restarted (pid {agent.pid}); it starts its engine again")
+        return restarted
 
     # --- stop ----------------------------------------------------------------------------------
 
