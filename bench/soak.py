@@ -405,6 +405,20 @@ def _rss_mib(pids: Iterable[int]) -> float:
     return total / 1024
 
 
+class IntegrityCount:
+    """A counter summed over processes that restart: a value below the last one seen means a new
+    process, whose count starts from zero."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, float] = {}
+        self.total = 0.0
+
+    def see(self, who: str, value: float) -> None:
+        last = self.last.get(who, 0.0)
+        self.total += value - last if value >= last else value
+        self.last[who] = value
+
+
 class Redis:
     """A redis-server of our own on a free loopback port; the port survives stop/start."""
 
@@ -522,8 +536,7 @@ class Soak:
         self.vocab = 0
         self.workers: dict[str, dict[str, Any]] = {}  # name -> {"role", "url", "agent"}
         self.left_behind: list[str] = []  # processes still alive after pdx down (killed)
-        self.integrity_before = 0.0
-        self.integrity_after: float | None = None
+        self.integrity = IntegrityCount()
         self._known_pids: dict[int, int] = {}  # pid -> start time, of every process of the deployment
 
     # --- start ---------------------------------------------------------------------------------
@@ -699,15 +712,14 @@ class Soak:
         doc: dict[str, Any] = httpx.get(f"{self.workers[name]['agent']}/v1/status", timeout=5.0).json()
         return doc
 
-    def _integrity(self) -> float:
+    def sample_integrity(self) -> None:
+        """Add each agent's corrupt chunks caught (any tier) since the last sample."""
         from pdx.deploy.agent_engine import Metrics
 
-        total = 0.0
         for name in self.workers:
             with contextlib.suppress(Exception):
-                total += Metrics.fetch(f"{self._agent_url(name)}/metrics", 5.0).value(
-                    "pdx_store_integrity_failures_total")
-        return total
+                self.integrity.see(name, Metrics.fetch(f"{self._agent_url(name)}/metrics", 5.0).value(
+                    "pdx_store_integrity_failures_total"))
 
     def _agent_url(self, name: str) -> str:
         """The agent's HTTP URL now (a restarted agent listens on a new port): from the proxy."""
@@ -757,7 +769,6 @@ class Soak:
             self.master.start()
             fault.detail = f"mooncake_master stopped for {self.args.outage_s:.0f} s, started again (empty)"
         elif name == "corrupt_chunk":
-            self.integrity_before = self._integrity()
             n = corrupt_redis(self.redis.client() if self.redis else None, REDIS_PREFIX)
             fault.detail = f"one payload byte flipped in each of {n} chunks stored in Redis"
         elif name == "link_cut":
@@ -815,8 +826,6 @@ class Soak:
             rec = self.wait_healthy(min(self.args.recover_timeout_s, max(5.0, end - time.monotonic())))
             fault.recovered_s = None if rec is None else time.monotonic() - fault.at
             _say(f"  recovered in {fault.recovered_s:.0f} s" if rec is not None else "  not recovered in time")
-            if name == "corrupt_chunk":
-                self.integrity_after = self._integrity()
 
     # --- load ----------------------------------------------------------------------------------
 
@@ -887,21 +896,30 @@ class Soak:
         ticker = threading.Thread(target=self._progress, args=(t0, end), name="soak-progress", daemon=True)
         injector.start()
         ticker.start()
+        watcher = threading.Thread(target=self._watch_shm, name="soak-shm", daemon=True)
+        watcher.start()
         try:
             asyncio.run(self._load(end))
         finally:
             self.stop_load.set()
             injector.join(self.args.recover_timeout_s + self.args.outage_s + 60)
             ticker.join(15)
+            watcher.join(15)
+
+    def _watch_shm(self) -> None:
+        """Every 0.2 s: which /dev/shm segments the deployment's processes map (vLLM maps some for a
+        few seconds only)."""
+        while not self.stop_load.wait(0.2):
+            self._remember_pids()
 
     def _progress(self, t0: float, end: float) -> None:
         warm = t0 + min(60.0, (end - t0) / 10)
         last_print = 0.0
         while not self.stop_load.wait(2.0):
-            self._remember_pids()
             now = time.monotonic()
             if now >= warm:
                 self.sample_rss()
+            self.sample_integrity()
             if now - last_print >= 10.0:
                 last_print = now
                 done = [s for s in self.sent if s.end]
@@ -1014,6 +1032,7 @@ def run(args: argparse.Namespace) -> Report:
             soak.sample_rss()
             soak.load_and_faults()
             soak.sample_rss()
+            soak.sample_integrity()
         finally:
             soak.stop_load.set()
             _say("pdx down")
@@ -1038,10 +1057,7 @@ def run(args: argparse.Namespace) -> Report:
         soak.down()
         soak.stop_servers()
     rss = {part.replace(":", "_"): (soak.rss_first[part], soak.rss_last[part]) for part in soak.rss_first}
-    integrity = None
-    if soak.integrity_after is not None:
-        integrity = max(0.0, soak.integrity_after - soak.integrity_before)
-    report = summarize(soak.sent, soak.faults, checks, rss, leaked, soak.chunk_tokens, integrity)
+    report = summarize(soak.sent, soak.faults, checks, rss, leaked, soak.chunk_tokens, soak.integrity.total)
     report.notes.append(f"{args.minutes:g} min, {args.users} users, max_tokens {args.max_tokens}, L1 {args.l1} per "
                         f"agent, tiers: {'mooncake, ' if args.mooncake else ''}redis; config {soak.config_path}")
     report.notes.append(f"logs: {soak.workdir} (pdx-up.log, deploy/*.log)")
