@@ -38,7 +38,8 @@ Rows (value, baseline, ratio):
   (the share of whole chunks of the prompt that an earlier prompt of the run had);
   ``soak_hit_ratio_rag`` likewise;
 * ``soak_rss_growth_<part>_mib``: resident memory of the proxy, each agent and each engine (its
-  process tree), last sample minus the first after warm-up (restarted processes start over);
+  process tree), last sample minus the first once the process ran the warm-up (restarted
+  processes start over);
 * ``soak_shm_leaked_bytes`` / ``_segments`` after ``pdx down`` (must be 0);
 * ``soak_faults`` injected and, per fault, in-flight requests, recovery time and what it did
   (``soak_integrity_failures`` counts the corrupt chunks the agents caught).
@@ -472,6 +473,7 @@ class ShmWatch:
 
     def __init__(self) -> None:
         self.seen: dict[str, int] = {}  # name -> inode
+        self.who: dict[str, str] = {}  # name -> the first process seen mapping it
         self.before = self._listing()
 
     @staticmethod
@@ -492,6 +494,7 @@ class ShmWatch:
                 if name.startswith(SHM_PREFIXES) and name not in self.seen:
                     with contextlib.suppress(OSError):
                         self.seen[name] = (SHM_DIR / name).stat().st_ino
+                        self.who[name] = f"pid {pid} {' '.join(_cmdline(pid))[:80]}"
 
     def leaked(self) -> dict[str, int]:
         """Segments mapped by the deployment that still exist (same inode): name -> bytes."""
@@ -530,6 +533,7 @@ class Soak:
         self.rss_first: dict[str, float] = {}
         self.rss_last: dict[str, float] = {}
         self.rss_pids: dict[str, int] = {}
+        self.rss_since: dict[str, float] = {}
         self.stop_load = threading.Event()
         self.chunk_tokens = 128
         self.model_path = ""
@@ -678,12 +682,20 @@ class Soak:
         self.shm.scan(pids)
         return pids
 
-    def sample_rss(self) -> None:
+    def sample_rss(self, settle_s: float = 60.0) -> None:
+        """RSS of each part; a part's first figure is taken once its process ran ``settle_s`` (a
+        vLLM server grows for a while after it is ready), and a restarted one starts over."""
+        now = time.monotonic()
         for part, pid in self.parts().items():
-            mib = _rss_mib(_tree(pid) if part.startswith("engine:") else [pid])
-            if self.rss_pids.get(part) != pid:  # a restarted process: its growth starts over
+            if self.rss_pids.get(part) != pid:  # new, or restarted: its growth starts over
                 self.rss_pids[part] = pid
-                self.rss_first[part] = mib
+                self.rss_since[part] = now
+                self.rss_first.pop(part, None)
+                self.rss_last.pop(part, None)
+            if now - self.rss_since[part] < settle_s:
+                continue
+            mib = _rss_mib(_tree(pid) if part.startswith("engine:") else [pid])
+            self.rss_first.setdefault(part, mib)
             self.rss_last[part] = mib
 
     def healthy(self) -> bool:
@@ -914,11 +926,12 @@ class Soak:
 
     def _progress(self, t0: float, end: float) -> None:
         warm = t0 + min(60.0, (end - t0) / 10)
+        settle = warm - t0
         last_print = 0.0
         while not self.stop_load.wait(2.0):
             now = time.monotonic()
             if now >= warm:
-                self.sample_rss()
+                self.sample_rss(settle)
             self.sample_integrity()
             if now - last_print >= 10.0:
                 last_print = now
@@ -1029,9 +1042,8 @@ def run(args: argparse.Namespace) -> Report:
     try:
         try:
             soak.start()
-            soak.sample_rss()
             soak.load_and_faults()
-            soak.sample_rss()
+            soak.sample_rss(min(60.0, args.minutes * 6))
             soak.sample_integrity()
         finally:
             soak.stop_load.set()
@@ -1061,6 +1073,9 @@ def run(args: argparse.Namespace) -> Report:
     report.notes.append(f"{args.minutes:g} min, {args.users} users, max_tokens {args.max_tokens}, L1 {args.l1} per "
                         f"agent, tiers: {'mooncake, ' if args.mooncake else ''}redis; config {soak.config_path}")
     report.notes.append(f"logs: {soak.workdir} (pdx-up.log, deploy/*.log)")
+    if leaked:
+        report.notes.append("left in /dev/shm: " + "; ".join(f"{n} ({b} bytes, mapped by {soak.shm.who.get(n, '?')})"
+                                                            for n, b in sorted(leaked.items())))
     if soak.left_behind:
         report.notes.append(f"processes alive after pdx down (killed by the soak): {soak.left_behind}")
     other = soak.shm.new_unmapped()

@@ -113,6 +113,7 @@ class Deployment:
         self.creds: credentials.Credentials | None = None
         self._retry_at: dict[str, float] = {}  # worker -> when supervise() may restart its agent again
         self._backoff: dict[str, float] = {}
+        self._engines: dict[str, dict[int, int]] = {}  # worker -> its agent's children: pid -> start time
         # PDX__ overrides were applied to this deployment's config, which is written out in full
         # for every child; passed on, they would be read again as keys of the children's configs.
         self.child_env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
@@ -270,11 +271,19 @@ class Deployment:
         restarted = []
         for name, worker in self.workers.items():
             agent = worker.agent
-            if agent.alive() or time.monotonic() < self._retry_at.get(name, 0.0):
+            if agent.alive():
+                if agent.proc is not None:  # its engine, should the agent die: its children now
+                    self._engines[name] = {pid: started for pid in _children(agent.pid)
+                                           if (started := _start_time(pid)) is not None}
+                continue
+            if time.monotonic() < self._retry_at.get(name, 0.0):
                 continue
             code = agent.proc.returncode if agent.proc is not None else None
             self.progress(f"{name}: pdx-agent exited (code {code}); restarting it")
             agent.stop()  # reaps the old process, closes its pipe
+            left = stop_left_engine(self._engines.pop(name, {}))
+            if left:
+                self.progress(f"{name}: stopped the engine the dead agent left running (pid {', '.join(map(str, left))})")
             try:
                 agent.start()
             except AgentError as exc:
@@ -358,6 +367,69 @@ def stop_running(workdir: Path, timeout_s: float = 60.0) -> dict[str, Any] | Non
             return state
         time.sleep(0.2)
     raise PdxError(f"deployment process {pid} did not stop within {timeout_s:.0f} s")
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", encoding="ascii") as f:
+                out.extend(int(c) for c in f.read().split())
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot): with the pid, the process's identity."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def stop_left_engine(engines: dict[int, int], timeout_s: float = 10.0) -> list[int]:
+    """Kill what a dead agent left running: its engine (``pid -> start time``, each leading its own
+    process group, as the agent launches it) and everything in that group, then remove the shared
+    memory those processes mapped (vLLM's ``psm_*`` queues, multiprocessing's ``sem.mp-*``) that
+    no live process maps any more. The engine got SIGTERM when its agent died; a vLLM server that
+    still serves a request waits for it forever, its engine core gone, so it gets SIGKILL here.
+    Returns the pids killed. Bounded by ``timeout_s``."""
+    from pdx.agent.shm_reaper import EngineShm
+
+    alive = [pid for pid, started in engines.items() if _start_time(pid) == started]
+    if not alive:
+        return []
+    shm = EngineShm(prefix=("psm_", "sem.mp-"), before=set())
+    for pid in alive:
+        shm.scan(pid)
+    for pid in alive:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(_start_time(p) == engines[p] and _running(p) for p in alive):
+        time.sleep(0.1)
+    shm.reap()
+    return alive
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _tail(path: Path, lines: int = 30) -> str:

@@ -157,8 +157,8 @@ class FakeAgent:
         self.fail_starts = fail_starts
         self.starts = 0
         self.stops = 0
-        self.proc: Any = type("P", (), {"returncode": -9})()
-        self.pid = 4242
+        self.proc: Any = None  # no real process: supervise() records no children of it
+        self.pid = -1
 
     def alive(self) -> bool:
         return self.running
@@ -201,3 +201,40 @@ def test_integrity_count_survives_agent_restarts() -> None:
     c.see("p", 1)  # p restarted: its counter began again at zero
     c.see("p", 4)
     assert c.total == 3 + 2 + 1 + 3
+
+
+def test_the_engine_a_dead_agent_left_is_killed_with_its_group(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    from pdx.deploy.deployment import _start_time, stop_left_engine
+
+    # an "engine" leading its own group, with a child of its own (as vLLM's engine core)
+    marker = tmp_path / "child.pid"
+    code = ("import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; "
+            f"time.sleep(120)']); open({str(marker)!r}, 'w').write(str(c.pid)); time.sleep(120)")
+    engine = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    try:
+        for _ in range(100):
+            if marker.exists() and marker.read_text():
+                break
+            time.sleep(0.1)
+        child = int(marker.read_text())
+        started = _start_time(engine.pid)
+        assert started is not None
+        assert stop_left_engine({engine.pid: started + 1}) == []  # another process with that pid: untouched
+        assert engine.poll() is None
+        assert stop_left_engine({engine.pid: started}) == [engine.pid]
+        assert engine.wait(5) == -9
+        for _ in range(50):  # the child was in the engine's group: killed too (reaped by init)
+            stat = Path(f"/proc/{child}/stat")
+            if not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the engine's child survived")
+    finally:
+        if engine.poll() is None:
+            engine.kill()
+            engine.wait(5)
