@@ -394,6 +394,14 @@ def _started(pid: int) -> int | None:
         return None
 
 
+def _state(pid: int) -> str:
+    """The process's state letter (``Z``: a zombie, waiting to be reaped); empty when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
 def _rss_mib(pids: Iterable[int]) -> float:
     total = 0
     for pid in pids:
@@ -962,7 +970,7 @@ class Soak:
         else:
             code = self.up.returncode
         for pid, started in sorted(self._known_pids.items()):  # nothing the deployment started outlives it
-            if _started(pid) == started:  # the same process, not a new one with a recycled pid
+            if _started(pid) == started and _state(pid) not in ("Z", "X"):  # the same, live process
                 with contextlib.suppress(OSError):
                     argv = _cmdline(pid)
                     os.kill(pid, signal.SIGKILL)
