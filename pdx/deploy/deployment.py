@@ -17,6 +17,7 @@ blocking calls.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -35,6 +36,8 @@ from pdx.config import ENV_PREFIX, ProxyConfig, StoreConfig, TransportConfig, da
 from pdx.deploy import credentials
 from pdx.errors import ConfigError, PdxError
 from pdx.transport import ucx_env
+
+log = logging.getLogger("pdx.deploy")
 
 STATE_FILE = "deployment.json"
 PROXY_READY_PREFIX = "pdx-proxy: serving on "
@@ -113,7 +116,9 @@ class Deployment:
         self.creds: credentials.Credentials | None = None
         self._retry_at: dict[str, float] = {}  # worker -> when supervise() may restart its agent again
         self._backoff: dict[str, float] = {}
-        self._engines: dict[str, dict[int, int]] = {}  # worker -> its agent's children: pid -> start time
+        #: worker -> (its agent's children: pid -> start time, the shared memory they mapped, scanned when)
+        self._engines: dict[str, tuple[dict[int, int], Any]] = {}
+        self._scanned: dict[str, tuple[float, float]] = {}  # worker -> (engine first seen, last scan)
         # PDX__ overrides were applied to this deployment's config, which is written out in full
         # for every child; passed on, they would be read again as keys of the children's configs.
         self.child_env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
@@ -272,16 +277,16 @@ class Deployment:
         for name, worker in self.workers.items():
             agent = worker.agent
             if agent.alive():
-                if agent.proc is not None:  # its engine, should the agent die: its children now
-                    self._engines[name] = {pid: started for pid in _children(agent.pid)
-                                           if (started := _start_time(pid)) is not None}
+                if agent.proc is not None:  # its engine, should the agent die
+                    self._watch_engine(name, agent.pid)
                 continue
             if time.monotonic() < self._retry_at.get(name, 0.0):
                 continue
             code = agent.proc.returncode if agent.proc is not None else None
             self.progress(f"{name}: pdx-agent exited (code {code}); restarting it")
             agent.stop()  # reaps the old process, closes its pipe
-            left = stop_left_engine(self._engines.pop(name, {}))
+            engines, shm = self._engines.pop(name, ({}, None))
+            left = stop_left_engine(engines, shm)
             if left:
                 self.progress(f"{name}: stopped the engine the dead agent left running (pid {', '.join(map(str, left))})")
             try:
@@ -298,6 +303,25 @@ class Deployment:
             restarted.append(name)
             self.progress(f"{name}: pdx-agent restarted (pid {agent.pid}); it starts its engine again")
         return restarted
+
+    def _watch_engine(self, name: str, agent_pid: int) -> None:
+        """Remember the agent's children (its engine) and the shared memory their process trees map:
+        should the agent die, nobody else knows which segments were its engine's. Scans every call
+        during an engine's first two minutes (vLLM makes its queues at start-up), then every 10 s."""
+        from pdx.agent.shm_reaper import EngineShm
+
+        children = {pid: started for pid in _children(agent_pid) if (started := _start_time(pid)) is not None}
+        known, shm = self._engines.get(name, ({}, None))
+        now = time.monotonic()
+        if children != known or shm is None:  # a new engine (or the agent restarted it): start over
+            shm = EngineShm(prefix=("psm_", "sem.mp-"), before=set())
+            self._scanned[name] = (now, 0.0)
+        self._engines[name] = (children, shm)
+        first, last = self._scanned[name]
+        if now - last >= (0.0 if now - first < 120.0 else 10.0):
+            for pid in children:
+                shm.scan(pid)
+            self._scanned[name] = (first, now)
 
     # --- stop ----------------------------------------------------------------------------------
 
@@ -393,19 +417,19 @@ def _start_time(pid: int) -> int | None:
         return None
 
 
-def stop_left_engine(engines: dict[int, int], timeout_s: float = 10.0) -> list[int]:
+def stop_left_engine(engines: dict[int, int], shm: Any = None, timeout_s: float = 10.0) -> list[int]:
     """Kill what a dead agent left running: its engine (``pid -> start time``, each leading its own
     process group, as the agent launches it) and everything in that group, then remove the shared
-    memory those processes mapped (vLLM's ``psm_*`` queues, multiprocessing's ``sem.mp-*``) that
-    no live process maps any more. The engine got SIGTERM when its agent died; a vLLM server that
-    still serves a request waits for it forever, its engine core gone, so it gets SIGKILL here.
-    Returns the pids killed. Bounded by ``timeout_s``."""
+    memory those processes mapped (vLLM's ``psm_*`` queues, multiprocessing's ``sem.mp-*``; ``shm``,
+    a ``pdx.agent.shm_reaper.EngineShm`` that watched them while the agent lived, plus what they
+    map now) that no live process maps any more. The engine got SIGTERM when its agent died; a vLLM
+    server that still serves a request waits for it forever, its engine core gone, so it gets
+    SIGKILL here. Returns the pids killed. Bounded by ``timeout_s``."""
     from pdx.agent.shm_reaper import EngineShm
 
+    if shm is None:
+        shm = EngineShm(prefix=("psm_", "sem.mp-"), before=set())
     alive = [pid for pid, started in engines.items() if _start_time(pid) == started]
-    if not alive:
-        return []
-    shm = EngineShm(prefix=("psm_", "sem.mp-"), before=set())
     for pid in alive:
         shm.scan(pid)
     for pid in alive:
@@ -419,7 +443,9 @@ def stop_left_engine(engines: dict[int, int], timeout_s: float = 10.0) -> list[i
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and any(_start_time(p) == engines[p] and _running(p) for p in alive):
         time.sleep(0.1)
-    shm.reap()
+    reaped = shm.reap()
+    if reaped:
+        log.info("removed the shared memory of the engine a dead agent left: %s", ", ".join(sorted(reaped)))
     return alive
 
 

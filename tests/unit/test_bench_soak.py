@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from pathlib import Path
 from typing import Any
@@ -238,3 +239,48 @@ def test_the_engine_a_dead_agent_left_is_killed_with_its_group(tmp_path: Path) -
         if engine.poll() is None:
             engine.kill()
             engine.wait(5)
+
+
+def test_pdx_up_removes_the_shared_memory_of_an_engine_whose_agent_died(tmp_path: Path) -> None:
+    """The 'agent' (a process whose child is the 'engine') dies; the engine made a psm_ segment.
+    Deployment._watch_engine saw it while the agent lived; stop_left_engine kills the engine's group
+    and removes the segment."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from pdx.deploy.deployment import stop_left_engine
+
+    name = f"psm_pdxtest{os.getpid()}"
+    ready = tmp_path / "ready"
+    engine_code = ("from multiprocessing import shared_memory; import time, sys; "
+                   f"s = shared_memory.SharedMemory(create=True, size=4096, name={name!r}); "
+                   f"open({str(ready)!r}, 'w').write('1'); time.sleep(120)")
+    agent_code = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', sys.argv[1]], "
+                  "start_new_session=True); time.sleep(120)")
+    agent = subprocess.Popen([sys.executable, "-c", agent_code, engine_code])
+    cfg = load_config(DeployConfig, data={"workdir": str(tmp_path), "workers": [
+        {"name": "p", "role": "prefill"}, {"name": "d", "role": "decode"}]}, env={})
+    dep = Deployment(cfg, "t")
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert time.monotonic() < deadline, "the engine did not start"
+            time.sleep(0.1)
+        dep._watch_engine("p", agent.pid)
+        engines, shm = dep._engines["p"]
+        assert len(engines) == 1 and name in shm.owned
+        agent.kill()
+        agent.wait(5)
+        assert Path("/dev/shm", name).exists()  # the engine still runs (and maps it)
+        assert stop_left_engine(engines, shm) == list(engines)
+        assert not Path("/dev/shm", name).exists()
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait(5)
+        for pid in dep._engines.get("p", ({}, None))[0]:
+            with contextlib.suppress(OSError):
+                os.killpg(pid, 9)
+        Path("/dev/shm", name).unlink(missing_ok=True)
