@@ -691,9 +691,11 @@ class Soak:
         return pids
 
     def sample_rss(self, settle_s: float = 60.0) -> None:
-        """RSS of each part; a part's first figure is taken once its process ran ``settle_s`` (a
-        vLLM server grows for a while after it is ready), and a restarted one starts over."""
+        """RSS of each part; a part's first figure is taken once its process ran ``settle_s`` and the
+        deployment is whole (a vLLM server grows while it starts, and for a while after it is
+        ready), and a restarted one starts over."""
         now = time.monotonic()
+        whole: bool | None = None
         for part, pid in self.parts().items():
             if self.rss_pids.get(part) != pid:  # new, or restarted: its growth starts over
                 self.rss_pids[part] = pid
@@ -702,6 +704,11 @@ class Soak:
                 self.rss_last.pop(part, None)
             if now - self.rss_since[part] < settle_s:
                 continue
+            if part not in self.rss_first:
+                whole = self.healthy() if whole is None else whole
+                if not whole:
+                    self.rss_since[part] = now  # not serving yet: it settles from when it is
+                    continue
             mib = _rss_mib(_tree(pid) if part.startswith("engine:") else [pid])
             self.rss_first.setdefault(part, mib)
             self.rss_last[part] = mib
