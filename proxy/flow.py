@@ -22,7 +22,11 @@ For one validated generate request (``app.py`` parses and admits it):
    goes first, since it holds the prompt's KV). With no healthy prefill worker the
    decode worker computes the prompt. Both are counted in
    ``pdx_proxy_degraded_total{missing}`` and logged.
-5. **Aborts.** A client that goes away cancels the handler (the server runs with
+5. **Peer hints.** A call that computes a prompt (a prefill, or a decode or whole request without
+   a prefill's params) goes with ``kv_transfer_params.pdx.hint`` when another agent holds more of
+   the prompt's prefix than the chosen worker and fetching it is estimated cheaper than computing
+   it (``pdx.scheduler.p2p``); prefill calls also feed the measured prefill rate of that estimate.
+6. **Aborts.** A client that goes away cancels the handler (the server runs with
    handler cancellation); every upstream response still open is then closed, so
    vLLM aborts the request on both workers and frees (or lets its connector
    release) the KV it holds.
