@@ -53,7 +53,13 @@ def test_a_hint_naming_a_dead_agent_is_recomputed(stack: PdxStack, prompts: dict
                                                   complete: Callable[..., dict[str, Any]]) -> None:
     (b,) = stack.use("decode")
     ids = prompts["p2p_dead_peer"]
-    before = b.vllm_metrics()
+    before = b.agent_metrics()
     out = complete(b, ids, MAX_TOKENS, kv_transfer_params=_hint(f"tcp://127.0.0.1:{free_port()}", PREFIX_CHUNKS))
     assert out["choices"][0]["token_ids"] == references["p2p_dead_peer"]
-    assert b.vllm_metrics().value(HITS) == before.value(HITS)  # nothing loaded: all recomputed
+    after = b.agent_metrics()
+    # the fetch failed and nothing was loaded: vLLM recomputed the prompt (vLLM's own counter,
+    # external_prefix_cache_hits, counts the offered tokens at scheduling, failed loads included)
+    failed = "pdx_agent_transfer_jobs_total"
+    assert after.value(failed, kind="fetch", result="failed") == before.value(failed, kind="fetch", result="failed") + 1
+    for source in ("peer", "l1", "shared"):
+        assert after.value(LOADED, source=source) == before.value(LOADED, source=source)
