@@ -146,6 +146,9 @@ class PDFlow:
         self.tokenizer = tokenizer
         self._auth = {"Authorization": f"Bearer {cfg.upstream_api_key}"} if cfg.upstream_api_key else {}
         self.p2p = PeerReuse(cfg.p2p, registry, metrics.count_peer_hint)
+        #: tokenize for peer hints even when the policy does not need tokens: a real tokenizer is
+        #: configured (the byte-level stand-in's keys never match an agent's)
+        self._hint_tokens = cfg.p2p.enabled and bool(cfg.cache_aware.tokenizer)
 
     def _hinted_body(self, body: dict[str, Any], raw: bytes | None,
                      rreq: RouteRequest) -> Callable[[Worker], bytes]:
@@ -185,7 +188,7 @@ class PDFlow:
                 text = ""
             else:
                 text = prompt[0] if isinstance(prompt, list) else prompt
-        if token_ids is None and self.policy.needs_tokens and self.tokenizer is not None:
+        if token_ids is None and self.tokenizer is not None and (self.policy.needs_tokens or self._hint_tokens):
             token_ids = await self._tokenize(endpoint, body, text, rid)
         estimate = len(token_ids) if token_ids is not None else len(text) // 4 + 1
         salt = body.get("cache_salt")

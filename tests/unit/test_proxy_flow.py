@@ -413,3 +413,23 @@ def test_decode_computing_the_prompt_gets_a_hint_and_a_slow_link_means_recompute
         (d,) = c.decode[1].received
         assert "kv_transfer_params" not in d.body
         assert c.metric("pdx_proxy_peer_hints_total", decision="recompute") == 1
+
+
+def test_peer_hints_work_with_a_policy_that_ignores_the_cache() -> None:
+    """round_robin never looks at caches, but with a tokenizer configured the proxy still computes the
+    prompt's keys for peer hints: whichever worker it picks fetches what another agent holds."""
+    from pdx.config import PeerReuseConfig
+
+    cfg = CacheAwareConfig(chunk_tokens=16, tokenizer="configured")  # ByteTokenizer() stands in for it
+    with Cluster(2, 1, policy="round_robin", cache_aware=cfg, tokenizer=ByteTokenizer(),
+                 p2p=PeerReuseConfig(fetch_fixed_ms=0.0)) as c:
+        addr = _announce_agents(c, {"p1": (8, 0)})
+        assert _post(c, _completion(prompt=_P2P_PROMPT)).status_code == 200
+        (p,) = c.prefill[0].received  # round_robin's first pick, without the prefix
+        assert p.body["kv_transfer_params"]["pdx"]["hint"]["agent"] == addr["p1"]
+    with Cluster(2, 1, policy="round_robin", cache_aware=CacheAwareConfig(chunk_tokens=16),
+                 tokenizer=ByteTokenizer(), p2p=PeerReuseConfig(fetch_fixed_ms=0.0)) as c:
+        _announce_agents(c, {"p1": (8, 0)})  # no tokenizer configured: no keys, no hint
+        assert _post(c, _completion(prompt=_P2P_PROMPT)).status_code == 200
+        (p,) = c.prefill[0].received
+        assert p.body["kv_transfer_params"] == {"do_remote_decode": True}
