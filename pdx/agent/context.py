@@ -106,7 +106,7 @@ def _pin(ctx: AgentContext, store: ChunkStore, keys: list[bytes], owner: str, le
                         round(p.expires_at - now, 3)])
             if where is not None:
                 tier = where[i]
-                source = tier.value if tier in (Tier.L1, Tier.DISK) else "shared"
+                source = tier.value if tier in (Tier.L1, Tier.DISK, Tier.NIXL) else "shared"
                 ctx.metrics.loaded_tokens.labels(source=source).inc(p.num_tokens)
     if n:
         ctx.metrics.leases_granted.labels(origin=origin).inc(n)
