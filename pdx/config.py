@@ -584,8 +584,8 @@ class PeerReuseConfig:
 
     enabled: bool = doc_field(True, "send peer hints (kv_transfer_params.pdx.hint)")
     link_gbps: float = doc_field(
-        10.0, "bandwidth of the peer plane between agents, Gbit/s (set it from pdx-bench fleet's "
-        "p2p_fetch_gbps)")
+        10.0, "bandwidth of the peer plane between agents, Gbit/s (e.g. pdx-bench fleet's p2p_fetch_gbps, "
+        "which is in GB/s, x 8)")
     fetch_fixed_ms: float = doc_field(
         5.0, "fixed cost of one fetch, ms: the peer_pin round trip, the transfer set-up, the release, "
         "and the engine step the asynchronous load waits for")
