@@ -58,6 +58,9 @@ class LoadSpec:
     #: load inline, before this step's forward pass, and report nothing through
     #: ``get_finished`` (vLLM scheduled the request already): an L1 hit
     sync: bool = False
+    #: ``peer`` comes from the proxy's hint (peer-to-peer reuse), not from a P/D prefill: chunks
+    #: the peer does not deliver are then looked for in the local store's tiers before recompute
+    hint: bool = False
 
     @property
     def num_tokens(self) -> int:

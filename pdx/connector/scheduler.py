@@ -14,7 +14,10 @@ What it decides:
   sample; the chunk holding it is loaded in part). For a decode request whose
   ``kv_transfer_params`` carry a pdx ``RemotePrefill`` it is the prefill side's
   token count (after checking fingerprint, chunk size and keys), tail chunk
-  included; otherwise the local store's leading run. Loads from a peer, disk or Redis are
+  included; with a proxy's ``PeerHint`` (peer-to-peer reuse) it is the hinted holder's
+  leading chunks when they are more than the local store's (the load fetches them from that
+  agent; chunks it fails to deliver are tried in the local store's tiers, then recomputed);
+  otherwise the local store's leading run. Loads from a peer, disk or Redis are
   asynchronous (vLLM parks the request until the worker reports the load done);
   a hit entirely in L1 is loaded synchronously by the worker in the step that
   computes the rest of the prompt (``sync_l1_loads``).
@@ -127,6 +130,7 @@ class _Req:
     #: how the last match was answered: (num_computed given, tokens offered, peer or "", sync)
     match: tuple[int, int, str, bool] | None = None
     remote_used: bool = False
+    hint_used: bool = False
     block_ids: list[int] = field(default_factory=list)
     #: next chunk index to store; chunks below it are stored or not ours to store
     store_next: int = 0
@@ -149,6 +153,7 @@ class SchedulerStats:
     lookup_errors: int = 0
     hit_tokens: int = 0
     remote_tokens: int = 0
+    hint_tokens: int = 0
     bad_params: int = 0
     stored_chunks_planned: int = 0
     pins: int = 0
@@ -178,10 +183,17 @@ class PdxSchedulerSide:
             offered = self._remote_tokens(st, remote)
             if offered:
                 peer = remote.agent
-        local, in_l1 = self._local_chunks(st) if self.settings.reuse or remote is not None else (0, 0)
+        hint = st.params.hint if remote is None and not st.hint_used else None
+        local, in_l1 = self._local_chunks(st) if (self.settings.reuse or remote is not None
+                                                  or hint is not None) else (0, 0)
         st.stored_chunks = max(st.stored_chunks, local)
         if min(local * ct, st.max_load) >= offered:
             offered, peer = min(local * ct, st.max_load), ""
+        if hint is not None and hint.chunks > local:
+            # peer-to-peer reuse: the holder named by the proxy has more of the prefix than we do
+            hinted = min(min(hint.chunks, len(st.keys)) * ct, st.max_load)
+            if hinted > offered:
+                offered, peer = hinted, hint.agent
         tokens = offered - num_computed_tokens
         if tokens < max(1, self.settings.min_load_tokens):
             st.match = None
@@ -304,12 +316,16 @@ class PdxSchedulerSide:
                 end = lo
                 break
         remote = st.params.remote
+        from_hint = bool(peer) and remote is None
         spec = LoadSpec(req_id=st.req_id, block_ids=tuple(st.block_ids), chunks=tuple(chunks),
                         peer=peer, remote_request_id=remote.request_id if (peer and remote) else "",
-                        sync=sync)
+                        sync=sync, hint=from_hint)
         if chunks and chunks[-1].num_tokens:
             st.tail_stored = True  # the load commits it to the local store
-        if peer:
+        if from_hint:
+            st.hint_used = True
+            self.stats.hint_tokens += end - start
+        elif peer:
             st.remote_used = True
             self.stats.remote_tokens += end - start
         else:

@@ -34,6 +34,7 @@ thread; the loader thread shares only the locked result sets.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -269,7 +270,11 @@ class PdxWorkerSide:
         except PdxError as exc:
             log.warning("request %s: cannot get its chunks from %s: %s", spec.req_id,
                         spec.peer or "the local agent", exc)
-            return 0
+            if not spec.hint:
+                return 0
+            pins = []
+        if spec.hint:
+            pins = self._fill_from_store(spec, keys, list(pins), owner)
         try:
             batch: list[tuple[list[tuple[int, int, int]], np.ndarray]] = []
             bad_from: int | None = None if len(pins) >= len(spec.chunks) else len(pins)
@@ -287,6 +292,25 @@ class PdxWorkerSide:
                 self._agent.release(owner)
             except PdxError as exc:
                 log.debug("release %s: %s (the lease expires on its own)", owner, exc)
+
+    def _fill_from_store(self, spec: LoadSpec, keys: Sequence[bytes], pins: list[Any], owner: str) -> list[Any]:
+        """Peer-to-peer reuse: the chunks the hinted peer did not deliver (from the first one
+        missing on) are looked for in the local store, whose ``pin`` promotes them from its lower
+        tiers (disk, the shared tiers); what is found nowhere is recomputed."""
+        first = next((i for i, p in enumerate(pins) if not p.found), len(pins))
+        if first >= len(keys):
+            return pins
+        try:
+            more = self._agent.pin(keys[first:], owner=owner, lease_s=self.settings.lease_s)
+        except PdxError as exc:
+            log.info("request %s: the local store has none of the %d chunks the peer did not deliver: %s",
+                     spec.req_id, len(keys) - first, exc)
+            return pins[:first]
+        got = sum(1 for _ in itertools.takewhile(lambda p: p.found, more))
+        if got:
+            log.info("request %s: %d chunks the peer %s did not deliver came from the local store",
+                     spec.req_id, got, spec.peer)
+        return [*pins[:first], *more]
 
     def _pins_remote(self, spec: LoadSpec, keys: Sequence[bytes], owner: str, deadline: float) -> list[Any]:
         """Fetch the chunks from the prefill agent into the local pool, pinned for ``owner``."""

@@ -60,6 +60,8 @@ PROMPTS: dict[str, tuple[int, int]] = {
     "reuse_whole_chunks": (12 * CHUNK_TOKENS, 110),
     "tenants": (PROMPT_TOKENS, 111),
     "shared_mooncake": (PROMPT_TOKENS, 112),
+    "p2p": (PROMPT_TOKENS, 113),
+    "p2p_dead_peer": (PROMPT_TOKENS, 114),
 }
 
 @dataclass(frozen=True)
