@@ -275,6 +275,12 @@ class PdxConnector(KVConnectorBase_V1):
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         assert self._scheduler is not None
         n, load_async = self._scheduler.matched_tokens(request, num_computed_tokens)
+        salt = self._scheduler.take_resalt(request.request_id)
+        if salt and not _resalt(request, salt):
+            log.warning("request %s: cannot give it a cache_salt of its own in this vLLM; not blending",
+                        request.request_id)
+            self._scheduler.cancel_blend(request.request_id)
+            n, load_async = self._scheduler.matched_tokens(request, num_computed_tokens)
         return n, load_async
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
@@ -313,6 +319,25 @@ class PdxConnector(KVConnectorBase_V1):
         for client in self._clients:
             client.close()
         self._clients = []
+
+
+def _resalt(request: Any, salt: str) -> bool:
+    """Give a blended request its own ``cache_salt`` and re-hash its blocks.
+
+    Called in ``get_num_new_matched_tokens``, before vLLM allocates (and later caches) any block of
+    the request: the blocks vLLM's prefix cache already matched (exact KV of earlier requests) stay
+    as they are, every later block of this request is cached under hashes chained from the new salt,
+    so no other request is ever handed one of them. False when this vLLM's ``Request`` lacks the
+    fields (the caller then does not blend).
+    """
+    hashes = getattr(request, "block_hashes", None)
+    update = getattr(request, "update_block_hashes", None)
+    if not isinstance(hashes, list) or not callable(update) or not hasattr(request, "cache_salt"):
+        return False
+    request.cache_salt = salt
+    hashes.clear()
+    update()
+    return True
 
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
