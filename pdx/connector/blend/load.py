@@ -109,7 +109,7 @@ def blend_region(model: BlendModel, load: BlendLoad, prefix: list[LayerKV] | Non
     ids = torch.tensor(load.token_ids, dtype=torch.long)
     with torch.inference_mode():
         region = assemble(model, n, prefix, spans)
-        result = blend_pass(model, ids, region, options)
+        result = blend_pass(model, ids, region, options, in_place=True)
     return result.kv, int(result.recomputed.numel())
 
 
