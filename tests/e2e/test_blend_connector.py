@@ -15,6 +15,7 @@ requests then use them elsewhere:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.e2e
 
 EXT_HITS = "vllm:external_prefix_cache_hits_total"
 LOCAL_HITS = "vllm:prefix_cache_hits_total"
-BS = 16  # vLLM's block size on CPU
+BS = 128  # vLLM's block size on CPU (its prefix cache matches whole blocks)
 
 
 def _spans(name: str) -> list[list[int]]:
@@ -47,6 +48,17 @@ def _blend(name: str, **options: Any) -> dict[str, Any]:
 
 def _blends_logged(engine: AgentEngine) -> int:
     return engine.engine_log_text().count(": blended ")
+
+
+def _blend_tokens_metric(engine: AgentEngine, at_least: float, timeout_s: float = 10.0) -> float:
+    """``pdx_blend_tokens_total`` once it reaches ``at_least`` (vLLM's stat loop exports it a step
+    later than the response), or its value at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        v = engine.vllm_metrics().value("pdx_blend_tokens_total")
+        if v >= at_least or time.monotonic() > deadline:
+            return v
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +86,9 @@ def test_r1_over_reordered_segments_is_plain_vllm(blend_engine: AgentEngine, pro
     assert out["choices"][0]["token_ids"] == references["blend_x"]
     m1 = blend_engine.vllm_metrics()
     local = m1.value(LOCAL_HITS) - m0.value(LOCAL_HITS)
-    # vLLM's prefix cache gives the exact [anchor][B] of the storing request; pdx blends the rest.
-    assert local == 32 + 160
+    # vLLM's prefix cache gives the whole blocks of [anchor][B] that the storing request computed
+    # (exact); pdx blends the rest of the region.
+    assert local == (32 + 160) // BS * BS
     assert m1.value(EXT_HITS) - m0.value(EXT_HITS) == region_end - local
     assert _blends_logged(blend_engine) == logged + 1
 
@@ -88,12 +101,15 @@ def test_approximate_blend_never_reaches_exact_requests(blend_engine: AgentEngin
     region_end = _spans("blend_y")[-1][1]
     exact_prefix = (32 + 200) // BS * BS  # shared with the request that stored document A
     m0, logged = blend_engine.vllm_metrics(), _blends_logged(blend_engine)
+    blended0 = m0.value("pdx_blend_tokens_total")
     out = complete(blend_engine, ids, MAX_TOKENS, **_blend("blend_y", recompute_ratio=0.15))
     assert len(out["choices"][0]["token_ids"]) == MAX_TOKENS and out["choices"][0]["text"]
     m1 = blend_engine.vllm_metrics()
     assert _blends_logged(blend_engine) == logged + 1
     assert m1.value(LOCAL_HITS) - m0.value(LOCAL_HITS) == exact_prefix
     assert m1.value(EXT_HITS) - m0.value(EXT_HITS) == region_end - exact_prefix
+    assert _blend_tokens_metric(blend_engine, blended0 + region_end - exact_prefix) == \
+        blended0 + region_end - exact_prefix
 
     # The same prompt, asked exactly: plain vLLM's output, and no block of the blended request.
     out = complete(blend_engine, ids, MAX_TOKENS)
@@ -101,6 +117,7 @@ def test_approximate_blend_never_reaches_exact_requests(blend_engine: AgentEngin
     m2 = blend_engine.vllm_metrics()
     assert m2.value(LOCAL_HITS) - m1.value(LOCAL_HITS) == exact_prefix
     assert m2.value(EXT_HITS) - m1.value(EXT_HITS) == 0  # nothing blended was stored in pdx either
+    assert m2.value("pdx_blend_tokens_total") == blended0 + region_end - exact_prefix
     assert _blends_logged(blend_engine) == logged + 1
 
 
