@@ -24,6 +24,12 @@ What it decides:
 * ``finished``: for a prefill request that asked for remote decode, pins its
   chunks in the agent under a lease and returns the ``kv_transfer_params`` for decode.
 
+CacheBlend (``kv_transfer_params.pdx.blend``, see ``docs/cacheblend.md``): a storing request
+(``store``) also plans its segment's pieces (``ChunkStore.start``) once its forward computed them; a
+blending request whose pieces are all stored is offered its region as a synchronous load carrying a
+``BlendLoad``, gets a ``cache_salt`` of its own (``take_resalt``, applied by the connector), and never
+stores anything.
+
 Tail chunks (P/D only): a prompt whose length is not a multiple of the chunk size
 ends in a partial chunk. A prefill for remote decode also stores that tail, less the
 last prompt token, under ``pdx.keys.tail_key``, and offers it; the decode side then
@@ -159,6 +165,8 @@ class _Req:
     blended: bool = False
     #: the cache_salt the connector must give the request (once, when it is first blended)
     resalt: str = ""
+    #: the request's own cache_salt as it came (the tenant's)
+    salt: str = ""
     #: the last blend offer: (num_computed given, tokens offered)
     blend_match: tuple[int, int] | None = None
     #: a storing request's segment has been planned for storing
@@ -286,6 +294,7 @@ class PdxSchedulerSide:
         namespace = f"{s.namespace}|{salt}" if salt else s.namespace
         st.blend = req
         st.tokens = tokens
+        st.salt = salt
         st.pieces = [segment_pieces(segment_key(s.chunk_fingerprint, anchor, tokens[a:b], namespace), b - a,
                                     s.chunk_tokens) for a, b in req.segments]
         if not req.store:
@@ -311,7 +320,7 @@ class PdxSchedulerSide:
             return 0
         if not st.blended:
             st.blended = True
-            st.resalt = blend_cache_salt(st.req_id, None)
+            st.resalt = blend_cache_salt(st.req_id, st.salt)
         n = b.region_end - num_computed_tokens
         st.blend_match = (num_computed_tokens, n)
         return n

@@ -11,6 +11,9 @@ Runs in each vLLM worker process. Who calls what:
   them from disk or Redis), verifies each chunk's checksum, unpacks the leading
   good ones into the request's blocks in one batch and drops its pins. Every
   wait has a deadline.
+* A CacheBlend load (``LoadSpec.blend``) always runs inline: pin the segment pieces, check them,
+  read the exact prefix out of the request's blocks, run the blend pass with the engine's model
+  (``pdx.connector.blend.load``), unpack the region into the blocks; a failure is a load error.
 * ``store`` per step (``wait_for_save``, after the forward pass): reserves one
   slab per chunk, packs the chunk straight into it, commits with the checksum.
   Synchronous: when it returns the chunks are in the store, so the scheduler

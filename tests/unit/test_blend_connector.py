@@ -130,7 +130,7 @@ def test_r1_blend_writes_the_full_prefill_kv(hf: HFLlama, computed: int) -> None
     req = _req("x", ids, {"segments": spans, "recompute_ratio": 1.0})
     blocks, plan, n = eng.run(req, computed)
     assert n == region - computed
-    assert eng.side.take_resalt("x").endswith("|pdx-blend|x") and eng.side.take_resalt("x") == ""
+    assert eng.side.take_resalt("x") == "|pdx-blend|x" and eng.side.take_resalt("x") == ""
     (load,) = plan.loads
     assert load.sync and load.blend is not None and (load.blend.start, load.blend.end) == (computed, region)
     assert plan.stores == []  # a blended request stores nothing, ever
