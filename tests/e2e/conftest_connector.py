@@ -17,7 +17,8 @@ Fixtures:
 Engines (``ENGINES``): ``prefill`` (kv_producer, core 0), ``decode`` (kv_consumer, core 1) and
 ``both`` (kv_both, core 1; small L1 so chunks spill to disk and Redis; its transport corrupts every
 3rd received chunk, for the integrity test). vLLM's own prefix caching is off on all of them, so a
-hit can only come from pdx. Every process is stopped by PID at the end of the session.
+hit can only come from pdx; except ``blend`` (kv_both, core 1, CacheBlend's model handle on), which keeps
+it on to prove that blended blocks never reach other requests through it. Every process is stopped by PID at the end of the session.
 """
 
 from __future__ import annotations
