@@ -29,7 +29,7 @@ from pdx.config import RegistrationConfig
 from pdx.scheduler.messages import AgentAnnouncement
 
 if TYPE_CHECKING:
-    from pdx.agent.server import AgentServer
+    from pdx.agent.context import AgentContext
 
 log = logging.getLogger("pdx.agent.registration")
 
@@ -151,30 +151,34 @@ class Announcer:
             self.announce(leaving=True)
 
 
-def build_announcement(server: AgentServer, seq: int, leaving: bool,
+def build_announcement(ctx: AgentContext, seq: int, leaving: bool, *, engine_url: str, agent_url: str = "",
+                       control_address: str = "",
                        keys: Callable[[], Sequence[bytes]] | None = None) -> AgentAnnouncement:
-    """The announcement of ``server`` now (any thread). ``keys`` lists the chunk keys to summarise."""
+    """The announcement of the agent of ``ctx`` now (any thread). ``engine_url``, ``agent_url`` and
+    ``control_address`` are what the agent's process knows of its engine and endpoints; ``keys`` lists
+    the chunk keys to summarise."""
     from pdx.config import shared_tier_ids
     from pdx.scheduler.messages import AgentLoad, WorkerRole
     from pdx.scheduler.summary import KeySummary
 
-    cfg = server.config
-    status = server.status()
-    pool = status.get("pool") or {}
-    layout = server.layout
+    cfg = ctx.config
+    used = capacity = 0
+    if ctx.store is not None:
+        st = ctx.store.stats()
+        used, capacity = st.used_bytes, st.slab_count * st.slab_size
+    layout = ctx.layout
     summary = None
     if keys is not None:
         summary = KeySummary.build(keys(), cfg.registration.summary_fp_rate)
     return AgentAnnouncement(
-        agent_id=server.agent_id,
+        agent_id=ctx.agent_id,
         role=WorkerRole(cfg.role),
-        engine_url=server.engine_url,
-        agent_url=server.http_url,
-        control_address=server.control_address,
-        transport_address=server.peer_address,
+        engine_url=engine_url,
+        agent_url=agent_url,
+        control_address=control_address,
+        transport_address=ctx.peer_address,
         models=tuple(cfg.registration.models),
-        load=AgentLoad(requests=0, tokens=0, pool_used_bytes=int(pool.get("used_bytes", 0)),
-                       pool_capacity_bytes=int(pool.get("capacity_bytes", 0))),
+        load=AgentLoad(requests=0, tokens=0, pool_used_bytes=int(used), pool_capacity_bytes=int(capacity)),
         chunk_fingerprint=layout.chunk_fingerprint if layout is not None else "",
         chunk_tokens=cfg.store.chunk_tokens,
         namespace=cfg.store.namespace,
