@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any, cast
 from pdx.agent.jobs import JobTable
 from pdx.agent.loop import Deferred
 from pdx.agent.metrics import AgentMetrics
+from pdx.agent.types import Outcome, PinInfo
 from pdx.config import AgentConfig
-from pdx.errors import IntegrityError, NotRegistered, ReservationError, StoreError
+from pdx.errors import NotRegistered, ReservationError, StoreError, code_of
 from pdx.keys import ChunkKey
 
 if TYPE_CHECKING:
@@ -75,7 +76,7 @@ class AgentContext:
 
 def pin_keys(ctx: AgentContext, keys: list[bytes], owner: str, lease_s: float, origin: str) -> Any:
     """Pin ``keys`` under ``owner`` (promoting from lower tiers, then off the loop thread).
-    Rows: ``[lease_id, key, offset, nbytes, checksum, num_tokens, expires_in_s]`` (lease 0: absent)."""
+    One ``PinInfo`` per key (lease 0: absent)."""
     store, _t, _l = ctx.require_store()
     if ctx.lower_tiers():
         return ctx.deferred(_pin, ctx, store, keys, owner, lease_s, origin)
@@ -83,39 +84,39 @@ def pin_keys(ctx: AgentContext, keys: list[bytes], owner: str, lease_s: float, o
 
 
 def _pin(ctx: AgentContext, store: ChunkStore, keys: list[bytes], owner: str, lease_s: float,
-         origin: str) -> list[list[Any]]:
+         origin: str) -> list[PinInfo]:
     pins = store.get([ChunkKey(k) for k in keys], lease_s=lease_s, owner=owner)
     now = time.monotonic()
-    out: list[list[Any]] = []
+    out: list[PinInfo] = []
     n = 0
     for k, p in zip(keys, pins):
         if p is None:
-            out.append([0, k, 0, 0, 0, 0, 0.0])
+            out.append(PinInfo(0, k))
         else:
             n += 1
-            out.append([p.lease_id, k, p.offset, p.nbytes, p.checksum, p.num_tokens,
-                        round(p.expires_at - now, 3)])
+            out.append(PinInfo(p.lease_id, k, p.offset, p.nbytes, p.checksum, p.num_tokens,
+                               round(p.expires_at - now, 3)))
     if n:
         ctx.metrics.leases_granted.labels(origin=origin).inc(n)
     return out
 
 
-def commit_chunks(store: ChunkStore, ids: list[int], sums: list[int], ntok: int | list[int]) -> list[str]:
-    """Commit reservations (hashing each chunk; a checksum, when given, must match): per id ``""`` or
-    why not (``corrupt: ...``, ``expired: ...``). Blocking: run it on an executor."""
+def commit_chunks(store: ChunkStore, ids: list[int], sums: list[int], ntok: int | list[int]) -> list[Outcome]:
+    """Commit reservations (hashing each chunk; a checksum, when given, must match): per id an
+    ``Outcome``: OK, ``INTEGRITY`` (the bytes failed their checksum: dropped), ``RESERVATION``
+    (expired or unknown) or another store error. Blocking: run it on an executor."""
     out = []
     for i, rid in enumerate(ids):
         try:
             store.commit(rid, checksum=sums[i] if sums else None,
                          num_tokens=ntok if isinstance(ntok, int) else cast("list[int]", ntok)[i])
-            out.append("")
-        except IntegrityError as exc:
-            out.append(f"corrupt: {exc}")
-        except ReservationError as exc:
-            out.append(f"expired: {exc}")
+            out.append(_OK)
         except StoreError as exc:
-            out.append(str(exc))
+            out.append(Outcome(code_of(exc), str(exc)))
     return out
+
+
+_OK = Outcome()
 
 
 def abort_ids(store: ChunkStore, ids: list[int]) -> int:

@@ -18,10 +18,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from pdx.agent.client import AgentClient
 from pdx.agent.context import AgentContext
-from pdx.agent.protocol import Op
+from pdx.agent.protocol import HelloArgs, Op
 from pdx.agent.trust import SESSION_IDLE_S, SESSION_MAX_S, mac
+from pdx.agent.types import HelloReply
 from pdx.errors import AgentError, AuthError
 
 log = logging.getLogger("pdx.agent.peers")
@@ -72,13 +75,13 @@ class Links:
         client = AgentClient(address, timeout_s=hello_s, max_frame=ctx.config.control.max_frame)
         try:
             info = self._hello(client, layout.chunk_fingerprint, hello_s)
-            peer = transport.connect(info["transport_address"], timeout=timeout)
+            peer = transport.connect(info.transport_address, timeout=timeout)
             # the data plane presents the same session: the peer serves only what it granted to it
             transport.set_session(peer.peer_id, client.auth)
         except BaseException:
             client.close()
             raise
-        link = PeerLink(address, client, str(info["agent_id"]), peer.peer_id, str(info["transport_address"]),
+        link = PeerLink(address, client, info.agent_id, peer.peer_id, info.transport_address,
                         created=now, used=now)
         client.on_restart = lambda _inst, a=address: self.drop_link(a)
         with self._links_lock:
@@ -92,27 +95,24 @@ class Links:
                  link.transport_address)
         return link
 
-    def _hello(self, client: AgentClient, chunk_fp: str, timeout: float) -> dict[str, Any]:
+    def _hello(self, client: AgentClient, chunk_fp: str, timeout: float) -> HelloReply:
         nonce = os.urandom(16)
-        args: dict[str, Any] = {"agent_id": self.ctx.agent_id, "address": self.ctx.peer_address,
-                                "chunk_fingerprint": chunk_fp, "nonce": nonce}
-        reply = client.call(Op.PEER_HELLO, args, timeout)
-        if not isinstance(reply, dict):
-            raise AgentError("peer_hello: bad reply")
-        if "challenge" in reply:
+        args = HelloArgs(agent_id=self.ctx.agent_id, address=self.ctx.peer_address, chunk_fingerprint=chunk_fp,
+                         nonce=nonce)
+        reply: HelloReply = client.call(Op.PEER_HELLO, args, timeout)
+        if reply.challenge:
             if not self.secret:
                 raise AuthError(f"peer at {client.address} requires a shared secret and none is configured here")
-            challenge = bytes(reply["challenge"])
-            if not hmac.compare_digest(mac(self.secret, b"S", nonce, challenge), bytes(reply["proof"])):
+            challenge = reply.challenge
+            if not hmac.compare_digest(mac(self.secret, b"S", nonce, challenge), reply.proof):
                 raise AuthError(f"peer at {client.address} failed the shared-secret challenge")
-            args.update(server_nonce=challenge, proof=mac(self.secret, b"C", challenge, nonce))
+            args = msgspec.structs.replace(args, server_nonce=challenge, proof=mac(self.secret, b"C", challenge, nonce))
             reply = client.call(Op.PEER_HELLO, args, timeout)
         elif self.secret:
             raise AuthError(f"a shared secret is configured here but the peer at {client.address} has none")
-        token = reply.get("token") if isinstance(reply, dict) else None
-        if not isinstance(token, bytes) or not token:
+        if not reply.token:
             raise AgentError(f"peer at {client.address}: peer_hello answered no session token")
-        client.auth = token
+        client.auth = reply.token
         return reply
 
     def drop_link(self, address: str) -> None:

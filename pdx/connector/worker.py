@@ -44,9 +44,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from pdx.agent.types import Outcome
 from pdx.checksum import checksum
 from pdx.connector.metadata import LoadSpec, StepPlan, StoreSpec, blocks_of, token_spans
-from pdx.errors import PdxError
+from pdx.errors import ErrorCode, PdxError
 from pdx.layout import KVLayout
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class WorkerAgent(Protocol):
                 timeout: float | None = None) -> list[Any]: ...
 
     def commit(self, ids: Sequence[int], num_tokens: int | Sequence[int], checksums: Sequence[int] = (),
-               timeout: float | None = None) -> list[str]: ...
+               timeout: float | None = None) -> list[Outcome]: ...
 
     def abort(self, ids: Sequence[int], timeout: float | None = None) -> int: ...
 
@@ -393,7 +394,7 @@ class PdxWorkerSide:
             for chunk, n, res in zip(spec.chunks, tokens, reservations):
                 if not res.id:
                     self.stats.store_skipped += 1
-                    if res.error and not res.error.startswith("exists") and "already" not in res.error:
+                    if res.code not in (ErrorCode.OK, ErrorCode.EXISTS, ErrorCode.RESERVATION):
                         log.debug("request %s: chunk %d not stored: %s", spec.req_id, chunk.index, res.error)
                     continue
                 out = self._pool.array(res.offset, self._bytes_of(n))
@@ -408,13 +409,14 @@ class PdxWorkerSide:
             raise
         if not ids:
             return
-        errors = self._agent.commit(ids, num_tokens=kept, checksums=sums)
-        failed = [e for e in errors if e]
+        outcomes = self._agent.commit(ids, num_tokens=kept, checksums=sums)
+        failed = [o for o in outcomes if not o.ok]
         self.stats.stored_chunks += len(ids) - len(failed)
-        self.stats.stored_bytes += sum(self._bytes_of(n) for n, e in zip(kept, errors) if not e)
+        self.stats.stored_bytes += sum(self._bytes_of(n) for n, o in zip(kept, outcomes) if o.ok)
         if failed:
             self.stats.store_errors += len(failed)
-            log.warning("request %s: %d chunks not committed: %s", spec.req_id, len(failed), failed[0])
+            log.warning("request %s: %d chunks not committed: %s: %s", spec.req_id, len(failed),
+                        failed[0].code.name, failed[0].msg)
 
     def _bytes_of(self, num_tokens: int) -> int:
         """Payload bytes of a chunk of ``num_tokens`` tokens (a full chunk is ``chunk_bytes``)."""

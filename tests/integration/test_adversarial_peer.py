@@ -38,7 +38,7 @@ from pdx.agent.types import ChunkStatus
 from pdx.checksum import checksum
 from pdx.config import TransportConfig
 from pdx.deploy.process import AgentProcess
-from pdx.errors import AuthError, PdxError, PeerDenied, WireError
+from pdx.errors import AuthError, ErrorCode, PdxError, PeerDenied, WireError
 from pdx.layout import KVDtype, KVLayout
 from pdx.store.pool import AttachedPool, attach
 from pdx.transport import create
@@ -85,7 +85,7 @@ class Side:
             arr[:] = rng.integers(0, 256, r.nbytes, dtype=np.uint8)
             sums.append(checksum(memoryview(arr)))
             del arr
-        assert self.client.commit([r.id for r in res], self.reg.chunk_tokens, sums) == [""] * len(keys)
+        assert all(o.ok for o in self.client.commit([r.id for r in res], self.reg.chunk_tokens, sums))
         return sums
 
     def metric(self, name: str, **labels: str) -> float:
@@ -110,15 +110,15 @@ class Rogue:
         args: dict[str, Any] = {"agent_id": "rogue", "chunk_fingerprint": victim.reg.chunk_fingerprint,
                                 "nonce": nonce}
         ch = self.client.call(Op.PEER_HELLO, args)
-        args.update(server_nonce=ch["challenge"], proof=mac(secret, b"C", ch["challenge"], nonce))
+        args.update(server_nonce=ch.challenge, proof=mac(secret, b"C", ch.challenge, nonce))
         self.hello = self.client.call(Op.PEER_HELLO, args)
-        self.client.auth = self.hello["token"]
+        self.client.auth = self.hello.token
         self.region = bytearray(4 * 1024 * 1024)
         self.transport = create("tcp", TransportConfig(backend="tcp", secret=secret, heartbeat_s=0.5,
                                                        transfer_timeout_s=5.0, connections_per_peer=lanes),
                                 victim.reg.chunk_fingerprint)
         self.transport.register(MemoryRegion(len(self.region), MemoryKind.HOST, self.region))
-        self.peer = self.transport.connect(self.hello["transport_address"], timeout=5.0).peer_id
+        self.peer = self.transport.connect(self.hello.transport_address, timeout=5.0).peer_id
         self.transport.set_session(self.peer, self.client.auth)
 
     def call(self, op: Op, args: dict[str, Any]) -> Any:
@@ -204,7 +204,7 @@ def test_rogue_peer_with_the_secret_stays_within_its_grants(agents: tuple[Side, 
             assert st_ is OpStatus.FAILED, (kind, off, st_)
             tally("tcp_data", True)
         rows = rogue.call(Op.PEER_PIN, {"keys": kept[:1], "owner": "mine", "lease_s": 30})
-        lid, _k, off, nb = rows[0][:4]
+        lid, off, nb = rows[0].lease_id, rows[0].offset, rows[0].nbytes
         assert lid and rogue.move(OpKind.READ, off, nb) is OpStatus.DONE  # its grant works
         assert checksum(memoryview(rogue.region)[:nb]) == sums[0]
         assert rogue.move(OpKind.READ, off, nb + 1) is OpStatus.FAILED  # one byte past it does not
@@ -228,7 +228,7 @@ def test_rogue_peer_with_the_secret_stays_within_its_grants(agents: tuple[Side, 
         # a forged or stale token is no session
         rogue.client.auth = os.urandom(16)
         refused(lambda: rogue.call(Op.PEER_PIN, {"keys": kept, "owner": "x"}), "peer_ctrl", AuthError)
-        rogue.client.auth = rogue.hello["token"]
+        rogue.client.auth = rogue.hello.token
         # the engine's pins and reservation survived all of it
         assert victim.client.unpin([p.lease_id for p in local]) == len(local)
         assert victim.client.abort([own_res.id]) == 1
@@ -249,14 +249,14 @@ def test_a_rogue_cannot_exhaust_the_pool(agents: tuple[Side, Side]) -> None:
     rogue = Rogue(victim)
     try:
         rows = rogue.call(Op.PEER_PIN, {"keys": many[: slabs - 4], "owner": "hog", "lease_s": 60})
-        granted = sum(1 for r in rows if r[0])
+        granted = sum(1 for r in rows if r.lease_id)
         assert granted == quota, (granted, quota)
         tally("quota", True)
         # pushes it was asked for still count against the same quota
         asked = keys_(8)
         victim.client.expect(asked, "push-req", deadline_s=30)
         res = rogue.call(Op.PEER_RESERVE, {"keys": asked, "nbytes": victim.reg.chunk_bytes})
-        assert all(r[0] == 0 and str(r[3]).startswith("capacity") for r in res), res
+        assert all(r.id == 0 and r.code is ErrorCode.CAPACITY for r in res), res
         tally("quota", True)
         # the engine can still reserve and commit
         fresh = keys_(2)
@@ -278,7 +278,7 @@ def test_streams_per_peer_are_capped(agents: tuple[Side, Side]) -> None:
     try:
         rows = rogue.call(Op.PEER_PIN, {"keys": kept, "owner": "wide", "lease_s": 30})
         nb = victim.reg.chunk_bytes
-        ops = [ChunkOp(i * nb, r[2], r[3]) for i, r in enumerate(rows) if r[0]]
+        ops = [ChunkOp(i * nb, r.offset, r.nbytes) for i, r in enumerate(rows) if r.lease_id]
         assert len(ops) == len(kept) and len(rogue.region) >= len(ops) * nb
         res = rogue.transport.post(rogue.peer, OpKind.READ, ops).wait(timeout=20.0)
         done = sum(s is OpStatus.DONE for s in res.status)
@@ -319,9 +319,9 @@ def test_outsider_without_the_secret_gets_nothing(agents: tuple[Side, Side], tmp
     with AgentClient(victim.proc.peer_address, 5.0) as c:
         nonce = os.urandom(16)
         ch = c.call(Op.PEER_HELLO, {"agent_id": "outsider", "nonce": nonce})
-        assert "challenge" in ch and "token" not in ch
+        assert ch.challenge and not ch.token
         refused(lambda: c.call(Op.PEER_HELLO, {"agent_id": "outsider", "nonce": nonce,
-                                               "server_nonce": ch["challenge"], "proof": os.urandom(32)}),
+                                               "server_nonce": ch.challenge, "proof": os.urandom(32)}),
                 "outsider", AuthError)
         ops: dict[Op, dict[str, Any]] = {
             Op.PEER_PIN: {"keys": kept, "owner": "o"}, Op.PEER_UNPIN: {"lease_ids": [1]},

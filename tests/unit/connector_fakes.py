@@ -26,11 +26,12 @@ from pdx.agent.types import (
     JobKind,
     JobState,
     LookupInfo,
+    Outcome,
     PinInfo,
     ReservationInfo,
 )
 from pdx.checksum import checksum
-from pdx.errors import AgentUnavailable
+from pdx.errors import AgentUnavailable, ErrorCode
 from pdx.layout import KVLayout
 
 PEERS: dict[str, FakeAgent] = {}
@@ -117,10 +118,10 @@ class FakeAgent:
         out = []
         for i, k in enumerate(keys):
             if k in self.chunks:
-                out.append(ReservationInfo(0, k, 0, 0, "exists"))
+                out.append(ReservationInfo(0, k, 0, 0, "exists", ErrorCode.EXISTS))
                 continue
             if not self.free:
-                out.append(ReservationInfo(0, k, 0, 0, "capacity: full"))
+                out.append(ReservationInfo(0, k, 0, 0, "full", ErrorCode.CAPACITY))
                 continue
             slab = self.free.pop(0)
             rid = next(self._ids)
@@ -130,7 +131,7 @@ class FakeAgent:
         return out
 
     def commit(self, ids: Sequence[int], num_tokens: int | Sequence[int], checksums: Sequence[int] = (),
-               timeout: float | None = None) -> list[str]:
+               timeout: float | None = None) -> list[Outcome]:
         self._call("commit")
         out = []
         for i, rid in enumerate(ids):
@@ -138,10 +139,10 @@ class FakeAgent:
             cs = checksum(self.buf[off:off + n].data)
             if checksums and checksums[i] != cs:
                 self.free.append(off // self.slab_size)
-                out.append("corrupt: checksum mismatch")
+                out.append(Outcome(ErrorCode.INTEGRITY, "checksum mismatch"))
                 continue
             self.chunks[k] = _Chunk(off, n, cs, num_tokens if isinstance(num_tokens, int) else num_tokens[i])
-            out.append("")
+            out.append(Outcome())
         return out
 
     def abort(self, ids: Sequence[int], timeout: float | None = None) -> int:
