@@ -72,6 +72,8 @@ class WorkerAgent(Protocol):
     def pin(self, keys: Sequence[bytes], owner: str, lease_s: float | None = None,
             timeout: float | None = None) -> list[Any]: ...
 
+    def unpin(self, lease_ids: Sequence[int], timeout: float | None = None) -> int: ...
+
     def release(self, owner: str, timeout: float | None = None) -> int: ...
 
     def fetch(self, peer: str, keys: Sequence[bytes], request_id: str, deadline_s: float | None = None,
@@ -145,6 +147,8 @@ class WorkerStats:
     load_seconds: float = 0.0
     failed_chunks: int = 0
     corrupt_chunks: int = 0
+    #: loads whose pins did not all hold until their chunks were unpacked (recomputed)
+    revoked_loads: int = 0
     stored_chunks: int = 0
     stored_bytes: int = 0
     store_skipped: int = 0
@@ -273,6 +277,7 @@ class PdxWorkerSide:
             return 0
         try:
             batch: list[tuple[list[tuple[int, int, int]], np.ndarray]] = []
+            leases: list[int] = []
             bad_from: int | None = None if len(pins) >= len(spec.chunks) else len(pins)
             for i, (chunk, pin) in enumerate(zip(spec.chunks, pins)):
                 item = self._checked_chunk(spec, chunk, pin) if pin.found else None
@@ -280,14 +285,38 @@ class PdxWorkerSide:
                     bad_from = i
                     break
                 batch.append(item)
+                leases.append(pin.lease_id)
             if batch:
                 self._codec.unpack_batch(batch)
+                if not self._pins_held(spec, leases):
+                    return 0
             return bad_from
         finally:
             try:
                 self._agent.release(owner)
             except PdxError as exc:
                 log.debug("release %s: %s (the lease expires on its own)", owner, exc)
+
+    def _pins_held(self, spec: LoadSpec, leases: list[int]) -> bool:
+        """True when every pin of the unpacked chunks was still held after the unpack.
+
+        A pinned slab is never reused, so the bytes unpacked are the bytes verified unless a
+        pin ended while the engine read them (its lease ran out): ``unpin`` answers how many
+        of the leases were still live. If one was not, the load is refused (vLLM recomputes
+        its blocks), counted in ``revoked_loads``.
+        """
+        try:
+            held = self._agent.unpin(leases)
+        except PdxError as exc:
+            log.warning("request %s: cannot confirm the pins of its chunks (%s); recomputing", spec.req_id, exc)
+            held = -1
+        if held == len(leases):
+            return True
+        if held >= 0:
+            log.warning("request %s: %d of %d pins ended while their chunks were unpacked (lease %.0fs); "
+                        "recomputing", spec.req_id, len(leases) - held, len(leases), self.settings.lease_s)
+        self.stats.revoked_loads += 1
+        return False
 
     def _pins_remote(self, spec: LoadSpec, keys: Sequence[bytes], owner: str, deadline: float) -> list[Any]:
         """Fetch the chunks from the prefill agent into the local pool, pinned for ``owner``."""
@@ -313,7 +342,7 @@ class PdxWorkerSide:
                 log.info("request %s: chunk %s from %s: %s %s", spec.req_id, c.key.hex()[:12], spec.peer,
                          c.status.value, c.reason)
             out.append(_Pinned(found=c.status.usable and c.lease_id != 0, offset=c.offset, nbytes=c.nbytes,
-                               checksum=c.checksum, num_tokens=c.num_tokens))
+                               checksum=c.checksum, num_tokens=c.num_tokens, lease_id=c.lease_id))
         return out
 
     def _checked_chunk(self, spec: LoadSpec, chunk: Any,
@@ -443,6 +472,7 @@ class _Pinned:
     nbytes: int
     checksum: int
     num_tokens: int
+    lease_id: int = 0
 
 
 def slice_payload(layout: KVLayout, payload: np.ndarray, num_tokens: int, start: int, end: int) -> np.ndarray:
