@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from pdx.layout import KVLayout
     from pdx.store.store import ChunkStore
     from pdx.transport.base import Transport
+    from pdx.transport.handshake import Identity
 
 
 @dataclass
@@ -53,6 +54,8 @@ class AgentContext:
     layout: KVLayout | None = None
     transport_address: str = ""
     peer_address: str = ""
+    #: this agent's key pair: signs its ``peer_hello``; the public half goes out with its registration
+    identity: Identity | None = None
 
     def require_store(self) -> tuple[ChunkStore, Transport, KVLayout]:
         """Store, transport and layout; raises ``NotRegistered`` before the first ``register_engine``."""

@@ -16,7 +16,6 @@ tables have their own lock.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 import time
@@ -38,11 +37,12 @@ from pdx.agent.protocol import (
     ReserveArgs,
     UnpinArgs,
 )
-from pdx.agent.trust import Expectations, Grant, KnownPeers, Session, Sessions, mac
+from pdx.agent.trust import Expectations, Grant, KnownPeers, Session, Sessions
 from pdx.agent.types import HelloReply, Outcome, PinInfo, ReserveRow
 from pdx.errors import AuthError, ErrorCode, PeerDenied, PeerIncompatible, StoreError, WireError, code_of
 from pdx.keys import ChunkKey
 from pdx.store.types import Tier
+from pdx.transport.handshake import client_proof, hello_transcript, identity_ok, proof_ok, server_proof
 
 log = logging.getLogger("pdx.agent.peers")
 
@@ -120,6 +120,7 @@ class PeerService:
         if a.address and not self.known.name_matches(a.address, a.agent_id):
             raise self.sessions.deny(None, "peer_hello", f"{a.address} is registered under another "
                                      f"agent id than {a.agent_id!r}")
+        signature = b""
         if self.secret:
             now = time.monotonic()
             if not a.proof:  # step 1: issue a challenge and prove we know the secret
@@ -127,16 +128,35 @@ class PeerService:
                 self._challenges[nonce] = now + CHALLENGE_TTL_S
                 while len(self._challenges) > MAX_CHALLENGES:
                     self._challenges.popitem(last=False)
-                return HelloReply(challenge=nonce, proof=mac(self.secret, b"S", a.nonce, nonce))
+                return HelloReply(challenge=nonce, proof=server_proof(self.secret, a.nonce, nonce))
             expires = self._challenges.pop(a.server_nonce, 0.0)
-            good = mac(self.secret, b"C", a.server_nonce, a.nonce)
-            if expires < now or not hmac.compare_digest(good, a.proof):
+            if expires < now or not proof_ok(client_proof(self.secret, a.nonce, a.server_nonce), a.proof):
                 ctx.metrics.auth_failures.inc()
                 raise AuthError("the peer failed the shared-secret challenge")
+            self._check_identity(a)
+            if ctx.identity is not None:  # prove ours in turn
+                signature = ctx.identity.sign(hello_transcript(b"S", a.nonce, a.server_nonce, ctx.agent_id,
+                                                               ctx.peer_address))
         session = self.sessions.open(a.agent_id, a.address)
         return HelloReply(agent_id=ctx.agent_id, instance=ctx.instance, chunk_fingerprint=layout.chunk_fingerprint,
                           fingerprint=layout.fingerprint, transport=transport.name,
-                          transport_address=ctx.transport_address, token=session.token, secret=bool(self.secret))
+                          transport_address=ctx.transport_address, token=session.token, secret=bool(self.secret),
+                          signature=signature)
+
+    def _check_identity(self, a: HelloArgs) -> None:
+        """An agent id the deployment registered (with the proxy) may only be claimed by the holder of
+        that agent's key, from that agent's address: refused and counted otherwise."""
+        known = self.known.identity_of(a.agent_id)
+        if known is None:
+            return
+        address, key = known
+        if a.address != address:
+            raise self.sessions.deny(None, "peer_hello", f"{a.agent_id!r} is registered at {address}, "
+                                     f"not {a.address or 'an unnamed address'}")
+        if not identity_ok(key, a.signature, hello_transcript(b"C", a.nonce, a.server_nonce, a.agent_id,
+                                                                a.address)):
+            raise self.sessions.deny(None, "peer_hello", f"the hello is not signed with the key registered "
+                                     f"for {a.agent_id!r}")
 
     def h_pin(self, a: PinArgs, s: Session) -> Any:
         """Pin keys for the peer (under an owner private to its session) and grant it their ranges."""

@@ -49,7 +49,7 @@ class Announcer:
 
     def __init__(self, config: RegistrationConfig, snapshot: Callable[[bool], AgentAnnouncement | None],
                  metrics: AgentMetrics,
-                 on_peers: Callable[[list[tuple[str, str]]], None] | None = None) -> None:
+                 on_peers: Callable[[list[tuple[str, str, str]]], None] | None = None) -> None:
         self.config = config
         self._on_peers = on_peers
         self.urls = [u + REGISTER_PATH for u in proxy_urls(config)]
@@ -112,8 +112,9 @@ class Announcer:
         return ok
 
     def _peers_from(self, reply: bytes) -> None:
-        """The proxy's list of registered agents (``peers``: agent_id + peer address): the agents of
-        this deployment, the only ones this agent fetches from (besides ``transport.peers``)."""
+        """The proxy's list of registered agents (``peers``: agent_id, peer address and public key):
+        the agents of this deployment, the only ones this agent fetches from (besides
+        ``transport.peers``), and the keys that prove who they are in ``peer_hello``."""
         if self._on_peers is None:
             return
         try:
@@ -123,8 +124,8 @@ class Announcer:
             raw = None
         if not isinstance(raw, list):
             return  # an older proxy: keep what we knew
-        peers = [(str(p.get("agent_id", "")), str(p.get("peer_address", ""))) for p in raw
-                 if isinstance(p, dict) and isinstance(p.get("peer_address"), str)]
+        peers = [(str(p.get("agent_id", "")), str(p.get("peer_address", "")), str(p.get("identity_key", "")))
+                 for p in raw if isinstance(p, dict) and isinstance(p.get("peer_address"), str)]
         self._on_peers(peers)
 
     def _note(self, url: str, ok: bool, why: str) -> None:
@@ -184,6 +185,7 @@ def build_announcement(ctx: AgentContext, seq: int, leaving: bool, *, engine_url
         namespace=cfg.store.namespace,
         keys=summary,
         shared_tiers=tuple(shared_tier_ids(cfg.store)),
+        identity_key=ctx.identity.public if ctx.identity is not None else "",
         heartbeat_s=cfg.registration.heartbeat_s,
         seq=seq,
         timestamp=time.time(),

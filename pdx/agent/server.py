@@ -83,6 +83,7 @@ from pdx.errors import (
 )
 from pdx.keys import ChunkKey
 from pdx.layout import KVLayout
+from pdx.transport.handshake import Identity
 
 if TYPE_CHECKING:
     from pdx.agent.launcher import EngineSupervisor
@@ -121,9 +122,10 @@ class AgentServer:
             config=config, agent_id=self.agent_id, instance=self.instance, secret=self.secret,
             metrics=self.metrics, jobs=self.jobs,
             transfers=ThreadPoolExecutor(config.control.workers, thread_name_prefix="pdx-agent-xfer"),
-            control=ThreadPoolExecutor(CONTROL_WORKERS, thread_name_prefix="pdx-agent-ctl"))
+            control=ThreadPoolExecutor(CONTROL_WORKERS, thread_name_prefix="pdx-agent-ctl"),
+            identity=Identity())
         self.peers = PeerService(self.ctx, ping=self.h_ping)
-        self.links = Links(self.ctx)
+        self.links = Links(self.ctx, key_at=self.peers.known.key_at)
         self.transfers = Transfers(self.ctx, self.links, check_peer=self.peers.check_known)
         # read when /metrics is scraped (the store's lock, no I/O)
         self.metrics.leases_active.set_function(lambda: self.store.stats().leases if self.store else 0)

@@ -33,7 +33,8 @@ from msgspec import Meta
 from pdx.errors import WireError
 from pdx.scheduler.summary import KeySummary
 
-WIRE_VERSION = 1
+#: 2: ``identity_key``
+WIRE_VERSION = 2
 
 #: longest accepted string field (URLs, ids, fingerprints).
 MAX_STR = 2048
@@ -98,6 +99,8 @@ class AgentAnnouncement(msgspec.Struct, frozen=True, forbid_unknown_fields=True)
     #: ids of the shared tiers the agent writes every chunk to (``pdx.config.shared_tier_ids``):
     #: a chunk any worker with that tier computed is one this worker can load
     shared_tiers: Annotated[tuple[_Name, ...], Meta(max_length=MAX_MODELS)] = ()
+    #: the agent's Ed25519 public key (base64): peers check its ``peer_hello`` signatures against it
+    identity_key: Annotated[str, Meta(max_length=64)] = ""
     heartbeat_s: Annotated[float, Meta(gt=0.0, le=1e9)] = 1.0  # the sender's announcement period
     seq: _Count = 0  # increases with every announcement of one agent process
     timestamp: _Time = 0.0

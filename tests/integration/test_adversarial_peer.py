@@ -33,7 +33,6 @@ from hypothesis import strategies as st
 
 from pdx.agent.client import AgentClient
 from pdx.agent.protocol import Op
-from pdx.agent.trust import mac
 from pdx.agent.types import ChunkStatus
 from pdx.checksum import checksum
 from pdx.config import TransportConfig
@@ -43,6 +42,7 @@ from pdx.layout import KVDtype, KVLayout
 from pdx.store.pool import AttachedPool, attach
 from pdx.transport import create
 from pdx.transport.base import ChunkOp, MemoryKind, MemoryRegion, OpKind, OpStatus
+from pdx.transport.handshake import client_proof
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -110,7 +110,7 @@ class Rogue:
         args: dict[str, Any] = {"agent_id": "rogue", "chunk_fingerprint": victim.reg.chunk_fingerprint,
                                 "nonce": nonce}
         ch = self.client.call(Op.PEER_HELLO, args)
-        args.update(server_nonce=ch.challenge, proof=mac(secret, b"C", ch.challenge, nonce))
+        args.update(server_nonce=ch.challenge, proof=client_proof(secret, nonce, ch.challenge))
         self.hello = self.client.call(Op.PEER_HELLO, args)
         self.client.auth = self.hello.token
         self.region = bytearray(4 * 1024 * 1024)
@@ -356,6 +356,38 @@ def test_outsider_without_the_secret_gets_nothing(agents: tuple[Side, Side], tmp
     finally:
         other.stop()
     still_serves(victim, honest, kept, sums)
+
+
+def test_a_rogue_outside_the_schema_gets_named_field_errors(agents: tuple[Side, Side]) -> None:
+    """A peer holding a session sends requests outside the wire schema's bounds: each is a
+    ``WireError`` naming the field, nothing is pinned or reserved, the agent keeps serving."""
+    victim, honest = agents
+    kept = keys_(2)
+    sums = victim.write(kept, seed=11)
+    rogue = Rogue(victim)
+    try:
+        before = victim.client.stats()["pool"]
+        cases: list[tuple[Op, dict[str, Any], str]] = [
+            (Op.PEER_PIN, {"keys": kept, "owner": "o", "lease_s": 1e12}, "$.lease_s"),
+            (Op.PEER_PIN, {"keys": kept, "owner": "o", "lease_s": float("inf")}, "$.lease_s"),
+            (Op.PEER_PIN, {"keys": [kept[0][:15]], "owner": "o"}, "$.keys[0]"),
+            (Op.PEER_PIN, {"keys": kept, "owner": ""}, "$.owner"),
+            (Op.PEER_PIN, {"keys": kept, "owner": "o", "grant_all": True}, "grant_all"),
+            (Op.PEER_UNPIN, {"lease_ids": [1] * 65537}, "$.lease_ids"),
+            (Op.PEER_UNPIN, {"lease_ids": [-1]}, "$.lease_ids[0]"),
+            (Op.PEER_RESERVE, {"keys": kept, "nbytes": "all"}, "$.nbytes"),
+            (Op.PEER_COMMIT, {"ids": [1], "checksums": [1]}, "num_tokens"),
+            (Op.PEER_RELEASE, {"owner": "x" * 2000}, "$.owner"),
+            (Op.PEER_HELLO, {"nonce": b"n" * 300}, "$.nonce"),
+        ]
+        for op, args, field in cases:
+            err = refused(lambda op=op, args=args: rogue.call(op, args), "peer_schema", WireError)
+            assert field in str(err), (op, err)
+        after = victim.client.stats()["pool"]
+        assert (after["pinned_slabs"], after["reserved_slabs"]) == (before["pinned_slabs"], before["reserved_slabs"])
+        still_serves(victim, honest, kept, sums)
+    finally:
+        rogue.close()
 
 
 def test_fetches_go_only_to_known_agents(agents: tuple[Side, Side], tmp_path: Path) -> None:

@@ -127,7 +127,7 @@ def test_the_register_reply_updates_the_known_peers() -> None:
         ann = Announcer(RegistrationConfig(proxy_url=f"http://127.0.0.1:{server.server_address[1]}"), msg,
                         AgentMetrics(), on_peers=got.append)
         assert ann.announce(leaving=False)
-        assert got == [[("p1", "tcp://127.0.0.1:7001")]]
+        assert got == [[("p1", "tcp://127.0.0.1:7001", "")]]
     finally:
         server.shutdown()
         server.server_close()
