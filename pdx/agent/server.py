@@ -426,7 +426,7 @@ class AgentServer:
             m.chunks.labels(kind=kind, status=c.status.value).inc()
         m.bytes.labels(kind=kind).inc(info.nbytes)
         m.transfer_seconds.labels(kind=kind).observe(info.elapsed_s)
-        m.jobs_active.set(self.jobs.active)
+        m.jobs_active.set(max(0, self.jobs.active - 1))  # this job still counts until on_done returns
         with self._waiters_lock:
             futs = self._waiters.pop(job.id, [])
         for f in futs:
