@@ -19,6 +19,7 @@ import os
 import re
 import socket
 import struct
+import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
@@ -505,3 +506,76 @@ def test_the_secret_file_authenticates_like_the_secret(agents: tuple[Side, Side]
         s.close()
     finally:
         proc.stop()
+
+
+def _start_proxy(tmp_path: Path) -> tuple[Any, str]:
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "proxy.yaml"
+    cfg.write_text("port: 0\nmodels: [m]\nhealth_interval_s: 0.2\n")
+    proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg), "--log-level",
+                             "WARNING"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={k: v for k, v in os.environ.items() if not k.startswith("PDX__")})
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("pdx-proxy: serving on "):
+        proc.kill()
+        proc.wait(10)
+        raise AssertionError(f"the proxy did not start: {line!r}")
+    return proc, line.split()[-1]
+
+
+def test_a_secret_holder_cannot_speak_as_a_registered_agent(tmp_path: Path) -> None:
+    """Real agents registered with a real pdx-proxy publish their keys; a rogue that holds the secret
+    and claims a registered agent's name (and address) is refused at hello and counted, while the
+    registered agents still meet each other (both signatures check) and move bytes bit-exact."""
+    proxy, url = _start_proxy(tmp_path)
+    procs: list[AgentProcess] = []
+    sides: list[Side] = []
+    try:
+        for name, port in (("victim", 8301), ("honest", 8302)):
+            cfg = agent_config()
+            cfg["registration"] = {"proxy_url": url, "heartbeat_s": 0.2, "timeout_s": 2.0}
+            cfg["engine"] = {"url": f"http://127.0.0.1:{port}"}
+            p = AgentProcess(tmp_path, cfg, name=name)
+            procs.append(p)
+            p.start()
+            sides.append(Side(p))
+        victim, honest = sides
+        kept = keys_(2)
+        sums = victim.write(kept, seed=21)
+        # the honest agent fetches once the proxy listed the victim to it (and each the other's key)
+        deadline = time.monotonic() + 20
+        while True:
+            rid = f"id-{os.urandom(4).hex()}"
+            info = honest.client.wait(honest.client.fetch(victim.proc.peer_address, kept, rid, deadline_s=10), 15)
+            if info.ok:
+                break
+            assert time.monotonic() < deadline, info
+            time.sleep(0.2)
+        pins = honest.client.pin(kept, owner=rid + "-v", lease_s=10)
+        assert [checksum(honest.pool.view(p.offset, p.nbytes)) for p in pins] == sums
+        assert victim.metric("pdx_agent_peer_denied_total", op="peer_hello") == 0
+        # a rogue holding the secret claims to be the honest agent, from its address and from its own
+        for address in (honest.proc.peer_address, "tcp://127.0.0.1:1"):
+            with AgentClient(victim.proc.peer_address, 5.0) as c:
+                nonce = os.urandom(16)
+                args: dict[str, Any] = {"agent_id": "honest", "address": address,
+                                        "chunk_fingerprint": victim.reg.chunk_fingerprint, "nonce": nonce}
+                ch = c.call(Op.PEER_HELLO, args)
+                args.update(server_nonce=ch.challenge, proof=client_proof(SECRET, nonce, ch.challenge),
+                            signature=os.urandom(64))
+                refused(lambda c=c, args=args: c.call(Op.PEER_HELLO, args), "identity", PeerDenied)
+        assert victim.metric("pdx_agent_peer_denied_total", op="peer_hello") == 2
+        # the honest agent is unaffected
+        still = honest.client.wait(honest.client.fetch(victim.proc.peer_address, kept, "id-after",
+                                                       deadline_s=10), 15)
+        assert [c.status for c in still.chunks] in ([ChunkStatus.DONE] * 2, [ChunkStatus.PRESENT] * 2)
+    finally:
+        for s in sides:
+            s.close()
+        for p in procs:
+            p.stop()
+        proxy.terminate()
+        proxy.wait(10)
