@@ -189,7 +189,8 @@ def run(cfg: AgentConfig, engine_cmd: list[str], log_level: str = "INFO") -> int
                         log.warning("not announcing to the proxy: set engine.url (the engine's HTTP address)")
                     return None
                 store = server.store
-                return build_announcement(server, next(seq), leaving,
+                return build_announcement(server.ctx, next(seq), leaving, engine_url=server.engine_url,
+                                          agent_url=server.http_url, control_address=server.control_address,
                                           keys=store.keys if store is not None else None)
 
             announcer = Announcer(cfg.registration, snapshot, server.metrics, on_peers=server.peers.known.update)

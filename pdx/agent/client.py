@@ -31,17 +31,38 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
-from pdx.agent.protocol import DEFAULT_MAX_FRAME, Op, decode_reply, encode_request
+from pdx.agent.protocol import (
+    DEFAULT_MAX_FRAME,
+    CommitArgs,
+    ExpectArgs,
+    FetchArgs,
+    IdsArgs,
+    JobArgs,
+    LookupArgs,
+    Op,
+    OwnerArgs,
+    PinArgs,
+    RegisterArgs,
+    ReserveArgs,
+    SendArgs,
+    UnpinArgs,
+    WaitArgs,
+    decode_reply,
+    encode_request,
+)
 from pdx.agent.types import (
     JobInfo,
     LookupInfo,
+    Outcome,
+    PingInfo,
     PinInfo,
     RegisterInfo,
     ReservationInfo,
+    ReserveRow,
 )
 from pdx.errors import AgentUnavailable, WireError
 from pdx.layout import KVLayout
@@ -103,12 +124,13 @@ class AgentClient:
                 return
         sock.close(0)
 
-    def call(self, op: Op, args: Mapping[str, Any] | None = None, timeout: float | None = None) -> Any:
-        """Send one request and return its result (plain msgpack data).
+    def call(self, op: Op, args: Any = None, timeout: float | None = None) -> Any:
+        """Send one request (``args``: the op's Struct of ``pdx.agent.protocol``, or a mapping) and
+        return its result, decoded strictly into the op's reply type (``REPLY_TYPES``).
 
         Blocks up to ``timeout`` (default ``timeout_s``). Raises ``AgentUnavailable``
-        on timeout, the agent's error class on an error reply, ``WireError`` when the
-        request cannot be encoded.
+        on timeout, the class of the reply's error code on an error reply, ``WireError`` when the
+        request cannot be encoded or the reply does not match the op's schema.
         """
         limit = self.timeout_s if timeout is None else timeout
         deadline = time.monotonic() + limit
@@ -132,7 +154,7 @@ class AgentClient:
         self._note_instance(reply.instance)
         if reply.error is not None:
             raise reply.error
-        return reply.result
+        return reply.result(op)
 
     def _exchange(self, sock: zmq.Socket[bytes], rid: int, frame: bytes, deadline: float) -> Any:
         while True:
@@ -195,9 +217,9 @@ class AgentClient:
     # --- typed calls -------------------------------------------------------------------------
 
     def ping(self, timeout: float | None = None) -> dict[str, Any]:
-        """Agent id, instance, role, wire version, uptime."""
-        result: dict[str, Any] = self.call(Op.PING, timeout=timeout)
-        return result
+        """Agent id, instance, role, wire version, uptime (``PingInfo`` as a dict)."""
+        info: PingInfo = self.call(Op.PING, timeout=timeout)
+        return info.to_dict()
 
     def register_engine(self, layout: KVLayout | Mapping[str, Any], pid: int = 0,
                         engine_url: str = "", timeout: float | None = None) -> RegisterInfo:
@@ -209,58 +231,49 @@ class AgentClient:
         """
         d = layout.to_dict() if isinstance(layout, KVLayout) else dict(layout)
         limit = timeout if timeout is not None else max(self.timeout_s, REGISTER_TIMEOUT_S)
-        raw = self.call(Op.REGISTER_ENGINE, {"layout": d, "pid": pid or os.getpid(),
-                                             "engine_url": engine_url}, limit)
-        return RegisterInfo.from_wire(raw)
+        info: RegisterInfo = self.call(Op.REGISTER_ENGINE, RegisterArgs(cast("Any", d), pid or os.getpid(), engine_url), limit)
+        return info
 
     def lookup(self, keys: Sequence[bytes], remote: bool = False, timeout: float | None = None) -> LookupInfo:
-        raw = self.call(Op.LOOKUP, {"keys": list(keys), "remote": remote}, timeout)
-        try:
-            return LookupInfo(int(raw["prefix_chunks"]), int(raw["chunk_tokens"]),
-                              tuple(raw["tiers"]))
-        except (TypeError, KeyError, ValueError) as exc:
-            raise WireError(f"bad lookup reply: {exc}") from None
+        info: LookupInfo = self.call(Op.LOOKUP, LookupArgs(list(keys), remote), timeout)
+        return info
 
     def reserve(self, keys: Sequence[bytes], nbytes: int | Sequence[int],
                 timeout: float | None = None) -> list[ReservationInfo]:
-        """One slab per key; a key that got none has ``id == 0`` and an ``error``."""
+        """One slab per key; a key that got none has ``id == 0``, an error ``code`` and a message."""
         nb = nbytes if isinstance(nbytes, int) else list(nbytes)
-        raw = self.call(Op.RESERVE, {"keys": list(keys), "nbytes": nb}, timeout)
-        try:
-            return [ReservationInfo(int(r[0]), bytes(k), int(r[1]), int(r[2]), str(r[3]))
-                    for k, r in zip(keys, raw)]
-        except (TypeError, ValueError, IndexError) as exc:
-            raise WireError(f"bad reserve reply: {exc}") from None
+        rows: list[ReserveRow] = self.call(Op.RESERVE, ReserveArgs(list(keys), nb), timeout)
+        if len(rows) != len(keys):
+            raise WireError(f"reserve: {len(rows)} rows for {len(keys)} keys")
+        return [ReservationInfo(r.id, bytes(k), r.offset, r.nbytes, r.error, r.code) for k, r in zip(keys, rows)]
 
     def commit(self, ids: Sequence[int], num_tokens: int | Sequence[int], checksums: Sequence[int] = (),
-               timeout: float | None = None) -> list[str]:
-        """Commit written slabs; returns one error string per id ("" = committed).
+               timeout: float | None = None) -> list[Outcome]:
+        """Commit written slabs; returns one ``Outcome`` per id (``ok``: committed).
 
         The agent hashes each slab; with ``checksums`` (one per id) a mismatch
-        drops the chunk and its entry reads ``"corrupt: ..."``. An expired
-        reservation reads ``"expired: ..."``.
+        drops the chunk and its outcome's code is ``INTEGRITY``; an expired
+        reservation's is ``RESERVATION``.
         """
         nt = num_tokens if isinstance(num_tokens, int) else list(num_tokens)
-        raw = self.call(Op.COMMIT, {"ids": list(ids), "checksums": list(checksums), "num_tokens": nt}, timeout)
-        return [str(e) for e in raw]
+        out: list[Outcome] = self.call(Op.COMMIT, CommitArgs(list(ids), nt, list(checksums)), timeout)
+        return out
 
     def abort(self, ids: Sequence[int], timeout: float | None = None) -> int:
-        return int(self.call(Op.ABORT, {"ids": list(ids)}, timeout))
+        return int(self.call(Op.ABORT, IdsArgs(list(ids)), timeout))
 
     def pin(self, keys: Sequence[bytes], owner: str, lease_s: float | None = None,
             timeout: float | None = None) -> list[PinInfo]:
         """Pin L1 chunks for ``owner`` (a request id); a missing key gives ``found == False``."""
-        args: dict[str, Any] = {"keys": list(keys), "owner": owner}
-        if lease_s:
-            args["lease_s"] = lease_s
-        return [PinInfo.from_wire(p) for p in self.call(Op.PIN, args, timeout)]
+        pins: list[PinInfo] = self.call(Op.PIN, PinArgs(list(keys), owner, lease_s or 0.0), timeout)
+        return pins
 
     def unpin(self, lease_ids: Sequence[int], timeout: float | None = None) -> int:
-        return int(self.call(Op.UNPIN, {"lease_ids": list(lease_ids)}, timeout))
+        return int(self.call(Op.UNPIN, UnpinArgs(list(lease_ids)), timeout))
 
     def release(self, owner: str, timeout: float | None = None) -> int:
         """Drop every pin ``owner`` holds (a finished or aborted request); returns how many."""
-        return int(self.call(Op.RELEASE, {"owner": owner}, timeout))
+        return int(self.call(Op.RELEASE, OwnerArgs(owner), timeout))
 
     def fetch(self, peer: str, keys: Sequence[bytes], request_id: str, deadline_s: float | None = None,
               remote_owner: str = "", pin: bool = True, timeout: float | None = None) -> int:
@@ -270,39 +283,31 @@ class AgentClient:
         it already holds for this request (the prefill side's) to drop once the job
         is over. With ``pin`` the fetched chunks stay pinned here for ``request_id``.
         """
-        args: dict[str, Any] = {"peer": peer, "keys": list(keys), "request_id": request_id,
-                                "remote_owner": remote_owner, "pin": pin}
-        if deadline_s:
-            args["deadline_s"] = deadline_s
+        args = FetchArgs(peer, list(keys), request_id, deadline_s or 0.0, remote_owner, pin)
         return int(self.call(Op.FETCH, args, timeout))
 
     def send(self, peer: str, keys: Sequence[bytes], request_id: str, deadline_s: float | None = None,
              timeout: float | None = None) -> int:
         """Start pushing local ``keys`` into the peer's pool; returns a job id."""
-        args: dict[str, Any] = {"peer": peer, "keys": list(keys), "request_id": request_id}
-        if deadline_s:
-            args["deadline_s"] = deadline_s
-        return int(self.call(Op.SEND, args, timeout))
+        return int(self.call(Op.SEND, SendArgs(peer, list(keys), request_id, deadline_s or 0.0), timeout))
 
     def expect(self, keys: Sequence[bytes], request_id: str, deadline_s: float | None = None,
                timeout: float | None = None) -> int:
         """Let peers push ``keys`` into this agent (their ``send``) until ``deadline_s``; a peer may
         reserve nothing else here. ``release(request_id)`` withdraws them."""
-        args: dict[str, Any] = {"keys": list(keys), "request_id": request_id}
-        if deadline_s:
-            args["deadline_s"] = deadline_s
-        return int(self.call(Op.EXPECT, args, timeout))
+        return int(self.call(Op.EXPECT, ExpectArgs(list(keys), request_id, deadline_s or 0.0), timeout))
 
     def job_status(self, job_id: int, timeout: float | None = None) -> JobInfo:
-        return JobInfo.from_wire(self.call(Op.JOB_STATUS, {"job_id": job_id}, timeout))
+        info: JobInfo = self.call(Op.JOB_STATUS, JobArgs(job_id), timeout)
+        return info
 
     def wait(self, job_id: int, timeout_s: float) -> JobInfo:
         """Block until the job is done or ``timeout_s`` passed; returns its state either way."""
-        raw = self.call(Op.WAIT, {"job_id": job_id, "timeout_s": timeout_s}, timeout_s + self.timeout_s)
-        return JobInfo.from_wire(raw)
+        info: JobInfo = self.call(Op.WAIT, WaitArgs(job_id, timeout_s), timeout_s + self.timeout_s)
+        return info
 
     def cancel(self, job_id: int, timeout: float | None = None) -> bool:
-        return bool(self.call(Op.CANCEL, {"job_id": job_id}, timeout))
+        return bool(self.call(Op.CANCEL, JobArgs(job_id), timeout))
 
     def stats(self, timeout: float | None = None) -> dict[str, Any]:
         """The agent's status (the same document as HTTP ``/v1/status``)."""

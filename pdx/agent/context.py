@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any, cast
 from pdx.agent.jobs import JobTable
 from pdx.agent.loop import Deferred
 from pdx.agent.metrics import AgentMetrics
+from pdx.agent.types import Outcome, PinInfo
 from pdx.config import AgentConfig
-from pdx.errors import IntegrityError, NotRegistered, ReservationError, StoreError
+from pdx.errors import NotRegistered, ReservationError, StoreError, code_of
 from pdx.keys import ChunkKey
 from pdx.store.types import Tier
 
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from pdx.layout import KVLayout
     from pdx.store.store import ChunkStore
     from pdx.transport.base import Transport
+    from pdx.transport.handshake import Identity
 
 
 @dataclass
@@ -53,6 +55,8 @@ class AgentContext:
     layout: KVLayout | None = None
     transport_address: str = ""
     peer_address: str = ""
+    #: this agent's key pair: signs its ``peer_hello``; the public half goes out with its registration
+    identity: Identity | None = None
 
     def require_store(self) -> tuple[ChunkStore, Transport, KVLayout]:
         """Store, transport and layout; raises ``NotRegistered`` before the first ``register_engine``."""
@@ -76,7 +80,7 @@ class AgentContext:
 
 def pin_keys(ctx: AgentContext, keys: list[bytes], owner: str, lease_s: float, origin: str) -> Any:
     """Pin ``keys`` under ``owner`` (promoting from lower tiers, then off the loop thread).
-    Rows: ``[lease_id, key, offset, nbytes, checksum, num_tokens, expires_in_s]`` (lease 0: absent)."""
+    One ``PinInfo`` per key (lease 0: absent)."""
     store, _t, _l = ctx.require_store()
     if ctx.lower_tiers():
         return ctx.deferred(_pin, ctx, store, keys, owner, lease_s, origin)
@@ -88,22 +92,22 @@ LOAD_OWNER_PREFIX = "load:"
 
 
 def _pin(ctx: AgentContext, store: ChunkStore, keys: list[bytes], owner: str, lease_s: float,
-         origin: str) -> list[list[Any]]:
+         origin: str) -> list[PinInfo]:
     ckeys = [ChunkKey(k) for k in keys]
     # an engine's load: note which tier held each chunk (a memory look-up) for loaded_tokens{source}
     load = origin == "local" and owner.startswith(LOAD_OWNER_PREFIX)
     where = store.lookup(ckeys).tiers if load else None
     pins = store.get(ckeys, lease_s=lease_s, owner=owner)
     now = time.monotonic()
-    out: list[list[Any]] = []
+    out: list[PinInfo] = []
     n = 0
     for i, (k, p) in enumerate(zip(keys, pins)):
         if p is None:
-            out.append([0, k, 0, 0, 0, 0, 0.0])
+            out.append(PinInfo(0, k))
         else:
             n += 1
-            out.append([p.lease_id, k, p.offset, p.nbytes, p.checksum, p.num_tokens,
-                        round(p.expires_at - now, 3)])
+            out.append(PinInfo(p.lease_id, k, p.offset, p.nbytes, p.checksum, p.num_tokens,
+                               round(p.expires_at - now, 3)))
             if where is not None:
                 tier = where[i]
                 source = tier.value if tier in (Tier.L1, Tier.DISK, Tier.NIXL) else "shared"
@@ -113,22 +117,22 @@ def _pin(ctx: AgentContext, store: ChunkStore, keys: list[bytes], owner: str, le
     return out
 
 
-def commit_chunks(store: ChunkStore, ids: list[int], sums: list[int], ntok: int | list[int]) -> list[str]:
-    """Commit reservations (hashing each chunk; a checksum, when given, must match): per id ``""`` or
-    why not (``corrupt: ...``, ``expired: ...``). Blocking: run it on an executor."""
+def commit_chunks(store: ChunkStore, ids: list[int], sums: list[int], ntok: int | list[int]) -> list[Outcome]:
+    """Commit reservations (hashing each chunk; a checksum, when given, must match): per id an
+    ``Outcome``: OK, ``INTEGRITY`` (the bytes failed their checksum: dropped), ``RESERVATION``
+    (expired or unknown) or another store error. Blocking: run it on an executor."""
     out = []
     for i, rid in enumerate(ids):
         try:
             store.commit(rid, checksum=sums[i] if sums else None,
                          num_tokens=ntok if isinstance(ntok, int) else cast("list[int]", ntok)[i])
-            out.append("")
-        except IntegrityError as exc:
-            out.append(f"corrupt: {exc}")
-        except ReservationError as exc:
-            out.append(f"expired: {exc}")
+            out.append(_OK)
         except StoreError as exc:
-            out.append(str(exc))
+            out.append(Outcome(code_of(exc), str(exc)))
     return out
+
+
+_OK = Outcome()
 
 
 def abort_ids(store: ChunkStore, ids: list[int]) -> int:

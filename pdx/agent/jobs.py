@@ -90,11 +90,16 @@ class JobTable:
             job.error = error
             job.nbytes = nbytes
             job.finished_at = time.monotonic()
-            self._active -= 1
-            if self._active == 0:
-                self._idle.notify_all()
-        if self.on_done is not None:
-            self.on_done(job)
+        # ``on_done`` (metrics, waking the job's waiters) runs before the job stops counting as
+        # active, so a drain that waits for idle jobs never closes the loop under a pending reply.
+        try:
+            if self.on_done is not None:
+                self.on_done(job)
+        finally:
+            with self._lock:
+                self._active -= 1
+                if self._active == 0:
+                    self._idle.notify_all()
         return True
 
     def cancel(self, job_id: int) -> bool:

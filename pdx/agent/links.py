@@ -10,19 +10,23 @@ next job dials again. Thread-safe (links are created under a lock; a race keeps 
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from pdx.agent.client import AgentClient
 from pdx.agent.context import AgentContext
-from pdx.agent.protocol import Op
-from pdx.agent.trust import SESSION_IDLE_S, SESSION_MAX_S, mac
-from pdx.errors import AgentError, AuthError
+from pdx.agent.protocol import HelloArgs, Op
+from pdx.agent.trust import SESSION_IDLE_S, SESSION_MAX_S
+from pdx.agent.types import HelloReply
+from pdx.errors import AgentError, AuthError, PeerDenied
+from pdx.transport.handshake import client_proof, hello_transcript, identity_ok, proof_ok, server_proof
 
 log = logging.getLogger("pdx.agent.peers")
 
@@ -48,8 +52,11 @@ class PeerLink:
 class Links:
     """The sessions this agent opened with peers (see the module docstring)."""
 
-    def __init__(self, ctx: AgentContext) -> None:
+    def __init__(self, ctx: AgentContext,
+                 key_at: Callable[[str], tuple[str, str] | None] = lambda _address: None) -> None:
         self.ctx = ctx
+        #: ``(agent id, public key)`` the deployment registered at a peer address (``KnownPeers.key_at``)
+        self._key_at = key_at
         self.secret = ctx.secret
         self._links: dict[str, PeerLink] = {}
         self._links_lock = threading.Lock()
@@ -72,13 +79,13 @@ class Links:
         client = AgentClient(address, timeout_s=hello_s, max_frame=ctx.config.control.max_frame)
         try:
             info = self._hello(client, layout.chunk_fingerprint, hello_s)
-            peer = transport.connect(info["transport_address"], timeout=timeout)
+            peer = transport.connect(info.transport_address, timeout=timeout)
             # the data plane presents the same session: the peer serves only what it granted to it
             transport.set_session(peer.peer_id, client.auth)
         except BaseException:
             client.close()
             raise
-        link = PeerLink(address, client, str(info["agent_id"]), peer.peer_id, str(info["transport_address"]),
+        link = PeerLink(address, client, info.agent_id, peer.peer_id, info.transport_address,
                         created=now, used=now)
         client.on_restart = lambda _inst, a=address: self.drop_link(a)
         with self._links_lock:
@@ -92,28 +99,43 @@ class Links:
                  link.transport_address)
         return link
 
-    def _hello(self, client: AgentClient, chunk_fp: str, timeout: float) -> dict[str, Any]:
+    def _hello(self, client: AgentClient, chunk_fp: str, timeout: float) -> HelloReply:
         nonce = os.urandom(16)
-        args: dict[str, Any] = {"agent_id": self.ctx.agent_id, "address": self.ctx.peer_address,
-                                "chunk_fingerprint": chunk_fp, "nonce": nonce}
-        reply = client.call(Op.PEER_HELLO, args, timeout)
-        if not isinstance(reply, dict):
-            raise AgentError("peer_hello: bad reply")
-        if "challenge" in reply:
+        args = HelloArgs(agent_id=self.ctx.agent_id, address=self.ctx.peer_address, chunk_fingerprint=chunk_fp,
+                         nonce=nonce)
+        reply: HelloReply = client.call(Op.PEER_HELLO, args, timeout)
+        if reply.challenge:
             if not self.secret:
                 raise AuthError(f"peer at {client.address} requires a shared secret and none is configured here")
-            challenge = bytes(reply["challenge"])
-            if not hmac.compare_digest(mac(self.secret, b"S", nonce, challenge), bytes(reply["proof"])):
+            challenge = reply.challenge
+            if not proof_ok(server_proof(self.secret, nonce, challenge), reply.proof):
                 raise AuthError(f"peer at {client.address} failed the shared-secret challenge")
-            args.update(server_nonce=challenge, proof=mac(self.secret, b"C", challenge, nonce))
+            ctx = self.ctx
+            signature = b""
+            if ctx.identity is not None:
+                signature = ctx.identity.sign(hello_transcript(b"C", nonce, challenge, ctx.agent_id, ctx.peer_address))
+            args = msgspec.structs.replace(args, server_nonce=challenge,
+                                           proof=client_proof(self.secret, nonce, challenge), signature=signature)
             reply = client.call(Op.PEER_HELLO, args, timeout)
+            self._check_identity(client.address, reply, nonce, challenge)
         elif self.secret:
             raise AuthError(f"a shared secret is configured here but the peer at {client.address} has none")
-        token = reply.get("token") if isinstance(reply, dict) else None
-        if not isinstance(token, bytes) or not token:
+        if not reply.token:
             raise AgentError(f"peer at {client.address}: peer_hello answered no session token")
-        client.auth = token
+        client.auth = reply.token
         return reply
+
+    def _check_identity(self, address: str, reply: HelloReply, nonce: bytes, challenge: bytes) -> None:
+        """The agent answering at ``address`` must be the one the deployment registered there, proven
+        with its key (when the deployment published one)."""
+        known = self._key_at(address)
+        if known is None:
+            return
+        agent_id, key = known
+        if reply.agent_id != agent_id or not identity_ok(
+                key, reply.signature, hello_transcript(b"S", nonce, challenge, reply.agent_id, address)):
+            self.ctx.metrics.peer_denied.labels(op="peer_hello").inc()
+            raise PeerDenied(f"the agent at {address} is not {agent_id!r} (not signed with its registered key)")
 
     def drop_link(self, address: str) -> None:
         with self._links_lock:

@@ -52,6 +52,8 @@ log = logging.getLogger("pdx.agent")
 
 #: messages handled per socket before the loop looks at the others (fairness).
 BATCH = 64
+#: how long closing the loop's sockets may take to deliver replies already queued (ms).
+CLOSE_LINGER_MS = 500
 #: longest ipc:// path the kernel accepts (sun_path is 108 bytes with the NUL).
 MAX_IPC_PATH = 107
 
@@ -222,8 +224,13 @@ class ControlLoop:
             log.exception("control loop crashed")
             raise
         finally:
+            try:
+                self._flush_completed()  # replies whose work finished as the loop was asked to stop
+            except Exception:
+                log.exception("control loop: flushing the last replies failed")
             for ep in self.endpoints:
-                ep.sock.close(0)
+                # a short linger: replies queued just now (a drained job's ``wait``) still go out
+                ep.sock.close(linger=CLOSE_LINGER_MS)
             self.ctx.term()
             os.close(self._wake_r)
             os.close(self._wake_w)

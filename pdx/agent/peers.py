@@ -16,7 +16,6 @@ tables have their own lock.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 import time
@@ -27,11 +26,23 @@ from typing import Any, cast
 
 from pdx.agent.context import AgentContext, abort_ids, commit_chunks, pin_keys
 from pdx.agent.loop import Deferred
-from pdx.agent.protocol import Op, Request
-from pdx.agent.trust import Expectations, Grant, KnownPeers, Session, Sessions, mac
-from pdx.errors import AuthError, CapacityError, PeerDenied, PeerIncompatible, StoreError, WireError
+from pdx.agent.protocol import (
+    HelloArgs,
+    IdsArgs,
+    Op,
+    OwnerArgs,
+    PeerCommitArgs,
+    PinArgs,
+    Request,
+    ReserveArgs,
+    UnpinArgs,
+)
+from pdx.agent.trust import Expectations, Grant, KnownPeers, Session, Sessions
+from pdx.agent.types import HelloReply, Outcome, PinInfo, ReserveRow
+from pdx.errors import AuthError, ErrorCode, PeerDenied, PeerIncompatible, StoreError, WireError, code_of
 from pdx.keys import ChunkKey
 from pdx.store.types import Tier
+from pdx.transport.handshake import client_proof, hello_transcript, identity_ok, proof_ok, server_proof
 
 log = logging.getLogger("pdx.agent.peers")
 
@@ -63,7 +74,7 @@ def then(result: Any, fn: Callable[[Any], Any]) -> Any:
 class PeerService:
     """The peer socket's handlers of one agent (see the module docstring). ``ping`` answers ``ping``."""
 
-    def __init__(self, ctx: AgentContext, ping: Callable[[dict[str, Any]], Any]) -> None:
+    def __init__(self, ctx: AgentContext, ping: Callable[[Any], Any]) -> None:
         self.ctx = ctx
         self.secret = ctx.secret
         self._ping = ping
@@ -100,60 +111,80 @@ class PeerService:
         count = store.slab_count if store is not None else 0
         return max(1, int(count * self.ctx.config.control.peer_max_share))
 
-    def h_hello(self, a: dict[str, Any], _s: None) -> dict[str, Any]:
+    def h_hello(self, a: HelloArgs, _s: None) -> HelloReply:
         ctx = self.ctx
         _store, transport, layout = ctx.require_store()
-        if a["chunk_fingerprint"] and a["chunk_fingerprint"] != layout.chunk_fingerprint:
-            raise PeerIncompatible(f"chunk fingerprint: peer {a['chunk_fingerprint']}, "
+        if a.chunk_fingerprint and a.chunk_fingerprint != layout.chunk_fingerprint:
+            raise PeerIncompatible(f"chunk fingerprint: peer {a.chunk_fingerprint}, "
                                    f"this agent {layout.chunk_fingerprint}")
-        if a["address"] and not self.known.name_matches(a["address"], a["agent_id"]):
-            raise self.sessions.deny(None, "peer_hello", f"{a['address']} is registered under another "
-                                     f"agent id than {a['agent_id']!r}")
+        if a.address and not self.known.name_matches(a.address, a.agent_id):
+            raise self.sessions.deny(None, "peer_hello", f"{a.address} is registered under another "
+                                     f"agent id than {a.agent_id!r}")
+        signature = b""
         if self.secret:
             now = time.monotonic()
-            if not a["proof"]:  # step 1: issue a challenge and prove we know the secret
+            if not a.proof:  # step 1: issue a challenge and prove we know the secret
                 nonce = os.urandom(16)
                 self._challenges[nonce] = now + CHALLENGE_TTL_S
                 while len(self._challenges) > MAX_CHALLENGES:
                     self._challenges.popitem(last=False)
-                return {"challenge": nonce, "proof": mac(self.secret, b"S", a["nonce"], nonce)}
-            expires = self._challenges.pop(a["server_nonce"], 0.0)
-            good = mac(self.secret, b"C", a["server_nonce"], a["nonce"])
-            if expires < now or not hmac.compare_digest(good, a["proof"]):
+                return HelloReply(challenge=nonce, proof=server_proof(self.secret, a.nonce, nonce))
+            expires = self._challenges.pop(a.server_nonce, 0.0)
+            if expires < now or not proof_ok(client_proof(self.secret, a.nonce, a.server_nonce), a.proof):
                 ctx.metrics.auth_failures.inc()
                 raise AuthError("the peer failed the shared-secret challenge")
-        session = self.sessions.open(a["agent_id"], a["address"])
-        return {"agent_id": ctx.agent_id, "instance": ctx.instance, "chunk_fingerprint": layout.chunk_fingerprint,
-                "fingerprint": layout.fingerprint, "transport": transport.name,
-                "transport_address": ctx.transport_address, "token": session.token, "secret": bool(self.secret)}
+            self._check_identity(a)
+            if ctx.identity is not None:  # prove ours in turn
+                signature = ctx.identity.sign(hello_transcript(b"S", a.nonce, a.server_nonce, ctx.agent_id,
+                                                               ctx.peer_address))
+        session = self.sessions.open(a.agent_id, a.address)
+        return HelloReply(agent_id=ctx.agent_id, instance=ctx.instance, chunk_fingerprint=layout.chunk_fingerprint,
+                          fingerprint=layout.fingerprint, transport=transport.name,
+                          transport_address=ctx.transport_address, token=session.token, secret=bool(self.secret),
+                          signature=signature)
 
-    def h_pin(self, a: dict[str, Any], s: Session) -> Any:
+    def _check_identity(self, a: HelloArgs) -> None:
+        """An agent id the deployment registered (with the proxy) may only be claimed by the holder of
+        that agent's key, from that agent's address: refused and counted otherwise."""
+        known = self.known.identity_of(a.agent_id)
+        if known is None:
+            return
+        address, key = known
+        if a.address != address:
+            raise self.sessions.deny(None, "peer_hello", f"{a.agent_id!r} is registered at {address}, "
+                                     f"not {a.address or 'an unnamed address'}")
+        if not identity_ok(key, a.signature, hello_transcript(b"C", a.nonce, a.server_nonce, a.agent_id,
+                                                                a.address)):
+            raise self.sessions.deny(None, "peer_hello", f"the hello is not signed with the key registered "
+                                     f"for {a.agent_id!r}")
+
+    def h_pin(self, a: PinArgs, s: Session) -> Any:
         """Pin keys for the peer (under an owner private to its session) and grant it their ranges."""
         ctx = self.ctx
         ctx.require_store()
-        lease = min(a["lease_s"] or ctx.config.leases.remote_s, ctx.config.leases.max_s)
-        keys: list[bytes] = a["keys"]
+        lease = min(a.lease_s or ctx.config.leases.remote_s, ctx.config.leases.max_s)
+        keys: list[bytes] = a.keys
         with self.sessions.lock:
             room = max(0, self.quota() - s.held(time.monotonic()))
-            s.owners.add(a["owner"])
+            s.owners.add(a.owner)
         if room < len(keys):
             self.sessions.deny(s, "peer_pin", f"quota: at most {self.quota()} slabs per peer")
-        owner = s.owner(a["owner"])
+        owner = s.owner(a.owner)
         granted, refused = keys[:room], keys[room:]
 
-        def grant(rows: list[list[Any]]) -> list[list[Any]]:
+        def grant(rows: list[PinInfo]) -> list[PinInfo]:
             now = time.monotonic()
             with self.sessions.lock:
-                for lid, k, off, nb, _c, _n, left in rows:
-                    if lid:
-                        s.add(s.pins, lid, Grant(off, nb, now + left, k, a["owner"]))
-            return rows + [[0, k, 0, 0, 0, 0, 0.0] for k in refused]
+                for p in rows:
+                    if p.lease_id:
+                        s.add(s.pins, p.lease_id, Grant(p.offset, p.nbytes, now + p.expires_in_s, p.key, a.owner))
+            return rows + [PinInfo(0, k) for k in refused]
 
         return then(pin_keys(ctx, granted, owner, lease, origin="peer"), grant)
 
-    def h_unpin(self, a: dict[str, Any], s: Session) -> int:
+    def h_unpin(self, a: UnpinArgs, s: Session) -> int:
         store, _t, _l = self.ctx.require_store()
-        ids = a["lease_ids"]
+        ids = a.lease_ids
         with self.sessions.lock:
             foreign = [i for i in ids if i not in s.pins]
         if foreign:
@@ -165,11 +196,11 @@ class PeerService:
         self.ctx.metrics.leases_released.inc(n)
         return n
 
-    def h_release(self, a: dict[str, Any], s: Session) -> int:
+    def h_release(self, a: OwnerArgs, s: Session) -> int:
         """Drop the pins of one of the peer's own owners, or of a request's hand-off owner (``pd:<id>``:
         the chunks a prefill kept for the decode side) of which this peer was granted a key."""
         store, _t, _l = self.ctx.require_store()
-        name = a["owner"]
+        name = a.owner
         with self.sessions.lock:
             own = name in s.owners
         if own:
@@ -188,43 +219,40 @@ class PeerService:
         self.ctx.metrics.leases_released.inc(n)
         return n
 
-    def h_reserve(self, a: dict[str, Any], s: Session) -> list[list[Any]]:
+    def h_reserve(self, a: ReserveArgs, s: Session) -> list[ReserveRow]:
         """Reserve slabs for a push: only for keys this agent asked for (``expect``), within the quota."""
         store, _t, _l = self.ctx.require_store()
-        keys: list[bytes] = a["keys"]
+        keys: list[bytes] = a.keys
         unasked = next((k for k in keys if not self.expected.expected(k)), None)
         if unasked is not None:
             raise self.sessions.deny(s, "peer_reserve", f"chunk {unasked.hex()[:16]} was not asked for")
-        nbytes = a["nbytes"]
+        nbytes = a.nbytes
         if not isinstance(nbytes, int) and len(nbytes) != len(keys):
             raise WireError("peer_reserve: 'nbytes' must be one size or one per key")
         present = store.lookup([ChunkKey(k) for k in keys]).tiers
-        out: list[list[Any]] = []
+        out: list[ReserveRow] = []
         now = time.monotonic()
         with self.sessions.lock:
             room = max(0, self.quota() - s.held(now))
         over = False
         for i, key in enumerate(keys):
             if present[i] is Tier.L1:
-                out.append([0, 0, 0, "present"])
+                out.append(ReserveRow(0, code=ErrorCode.PRESENT, error="already held here"))
                 continue
             if room <= 0:
                 over = True
-                out.append([0, 0, 0, f"capacity: at most {self.quota()} slabs per peer"])
+                out.append(ReserveRow(0, code=ErrorCode.CAPACITY, error=f"at most {self.quota()} slabs per peer"))
                 continue
             nb = nbytes if isinstance(nbytes, int) else nbytes[i]
             try:
                 res = store.reserve(ChunkKey(key), nb)
-            except CapacityError as exc:
-                out.append([0, 0, 0, f"capacity: {exc}"])
-                continue
             except StoreError as exc:
-                out.append([0, 0, 0, str(exc)])
+                out.append(ReserveRow(0, code=code_of(exc), error=str(exc)))
                 continue
             room -= 1
             with self.sessions.lock:
                 s.add(s.reservations, res.id, Grant(res.offset, res.nbytes, res.expires_at, key))
-            out.append([res.id, res.offset, res.nbytes, ""])
+            out.append(ReserveRow(res.id, res.offset, res.nbytes))
         if over:
             self.sessions.deny(s, "peer_reserve", f"quota: at most {self.quota()} slabs per peer")
         return out
@@ -236,28 +264,28 @@ class PeerService:
                 return [s.reservations[i].key for i in ids]
         raise self.sessions.deny(s, op, f"reservation {foreign[0]} was not made for this peer")
 
-    def h_commit(self, a: dict[str, Any], s: Session) -> Deferred:
-        keys = self._own_reservations(s, a["ids"], "peer_commit")
+    def h_commit(self, a: PeerCommitArgs, s: Session) -> Deferred:
+        keys = self._own_reservations(s, a.ids, "peer_commit")
 
-        def done(errs: list[str]) -> list[str]:
+        def done(outcomes: list[Outcome]) -> list[Outcome]:
             with self.sessions.lock:
-                for rid in a["ids"]:
+                for rid in a.ids:
                     s.drop_reservation(rid)
-            self.expected.fulfilled(k for k, e in zip(keys, errs) if not e)
-            return errs
+            self.expected.fulfilled(k for k, o in zip(keys, outcomes) if o.ok)
+            return outcomes
 
         store, _t, _l = self.ctx.require_store()
-        ids, sums, ntok = a["ids"], a["checksums"], a["num_tokens"]
+        ids, sums, ntok = a.ids, a.checksums, a.num_tokens
         if len(sums) != len(ids) or (not isinstance(ntok, int) and len(ntok) != len(ids)):
             raise WireError("peer_commit: 'checksums' and a 'num_tokens' list need one entry per id")
         return cast(Deferred, then(self.ctx.deferred(commit_chunks, store, ids, sums, ntok), done))
 
-    def h_abort(self, a: dict[str, Any], s: Session) -> int:
-        self._own_reservations(s, a["ids"], "peer_abort")
+    def h_abort(self, a: IdsArgs, s: Session) -> int:
+        self._own_reservations(s, a.ids, "peer_abort")
         store, _t, _l = self.ctx.require_store()
-        n = abort_ids(store, a["ids"])
+        n = abort_ids(store, a.ids)
         with self.sessions.lock:
-            for rid in a["ids"]:
+            for rid in a.ids:
                 s.drop_reservation(rid)
         return n
 

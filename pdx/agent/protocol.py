@@ -1,9 +1,8 @@
-"""The agent's control-plane wire format: msgpack frames with a wire version.
+"""The agent's control-plane wire schema: msgspec Structs for every op, shared by both ends.
 
-Who uses it: ``pdx.agent.server`` decodes requests and encodes replies on its
-ZMQ ROUTER sockets; ``pdx.agent.client`` (the connector, tests, benches) and
-``pdx.agent.peers`` (agent to agent) do the reverse. Pure functions, no I/O,
-thread-safe.
+Who uses it: ``pdx.agent.server`` decodes requests and encodes replies on its ZMQ ROUTER
+sockets; ``pdx.agent.client`` (the connector, tests, benches) and ``pdx.agent.links`` /
+``pdx.agent.transfers`` (agent to agent) do the reverse. Pure functions, no I/O, thread-safe.
 
 A request is one ZMQ frame holding a msgpack map::
 
@@ -12,32 +11,44 @@ A request is one ZMQ frame holding a msgpack map::
 and its reply::
 
     {"v": WIRE_VERSION, "id": <same id>, "ok": true, "r": <result>, "inst": "<agent instance>"}
-    {"v": WIRE_VERSION, "id": <same id>, "ok": false, "err": {"type": "<PdxError subclass>", "msg": "..."},
+    {"v": WIRE_VERSION, "id": <same id>, "ok": false, "err": {"code": <ErrorCode>, "msg": "..."},
      "inst": "..."}
 
-``inst`` changes whenever the agent process restarts, so a client learns that
-its pool mapping is stale. Frames are bounded (``max_bytes``), every argument
-is type- and range-checked here, and the decoders raise nothing but
-``WireError``: garbage from a socket becomes an error reply, never a crash.
-Nothing is pickled.
+Each op's arguments are one Struct (``ARGS[op]``) and its result one type (``REPLY_TYPES[op]``,
+mostly Structs of ``pdx.agent.types``). Decoding is strict on both sides: an unknown field, a
+missing one, a wrong type or a value out of its bounds (``msgspec.Meta``: key sizes, list
+lengths, ``deadline_s`` and every other duration at most ``MAX_SECONDS``) is a ``WireError``
+naming the field. Errors travel as a code of ``pdx.errors.ErrorCode`` plus a message; the
+client raises the class of that code, and nothing is matched by its text. Frames are bounded
+(``max_bytes``); the decoders raise nothing but ``WireError``: garbage from a socket becomes
+an error reply, never a crash. Nothing is pickled.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Annotated, Any
 
-import msgpack
+import msgspec
+from msgspec import Meta
 
-import pdx.errors as _errors
-from pdx.errors import AgentError, PdxError, WireError
+from pdx.agent.types import (
+    HelloReply,
+    JobInfo,
+    LookupInfo,
+    Outcome,
+    PingInfo,
+    PinInfo,
+    RegisterInfo,
+    ReserveRow,
+)
+from pdx.errors import AgentError, ErrorCode, PdxError, WireError, code_of, error_class
 
 #: bumped on any incompatible change of the envelope, an op's arguments or its result
-#: (2: peer sessions for every peer op, ``peer_hello`` names the caller's address, ``expect``).
-WIRE_VERSION = 2
+#: (2: peer sessions, ``expect``; 3: msgspec schema, error codes, typed rows; 4: signed hellos).
+WIRE_VERSION = 4
 
 #: default bound on one frame (the server's ``control.max_frame`` overrides it).
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
@@ -46,7 +57,9 @@ MAX_KEYS = 65536
 #: longest string argument (owners, addresses, URLs).
 MAX_STR = 1024
 KEY_BYTES = 16
-_U64 = (1 << 64) - 1
+_U64_MAX = (1 << 64) - 1
+#: longest deadline, lease or wait a request may ask for (seconds).
+MAX_SECONDS = 86400.0
 
 
 class Op(str, Enum):
@@ -79,190 +92,265 @@ class Op(str, Enum):
     PEER_ABORT = "peer_abort"
 
 
-LOCAL_OPS = frozenset(op for op in Op if not op.value.startswith("peer_"))
-PEER_OPS = frozenset({Op.PING} | {op for op in Op if op.value.startswith("peer_")})
+_PEER = frozenset({Op.PEER_HELLO, Op.PEER_PIN, Op.PEER_UNPIN, Op.PEER_RELEASE, Op.PEER_RESERVE,
+                   Op.PEER_COMMIT, Op.PEER_ABORT})
+LOCAL_OPS = frozenset(op for op in Op if op not in _PEER)
+PEER_OPS = frozenset({Op.PING} | _PEER)
 _OPS_BY_NAME = {op.value: op for op in Op}
-_ENVELOPE = frozenset({"v", "id", "op", "a", "auth"})
+
+# --- field types (bounds live here) ---------------------------------------------------------------
+
+#: msgpack carries at most 64 bits, so a non-negative int is an unsigned 64-bit one
+U64 = Annotated[int, Meta(ge=0)]
+Key = Annotated[bytes, Meta(min_length=KEY_BYTES, max_length=KEY_BYTES)]
+Keys = Annotated[list[Key], Meta(max_length=MAX_KEYS)]
+U64s = Annotated[list[U64], Meta(max_length=MAX_KEYS)]
+Str = Annotated[str, Meta(max_length=MAX_STR)]
+Name = Annotated[str, Meta(min_length=1, max_length=MAX_STR)]
+#: a duration up to ``MAX_SECONDS`` (an unbounded one overflowed timers); 0 or absent: the agent's default
+Seconds = Annotated[float, Meta(ge=0.0, le=MAX_SECONDS)]
+Small = Annotated[bytes, Meta(max_length=256)]
+LayoutDict = Annotated[dict[Annotated[str, Meta(max_length=64)], Str | int], Meta(max_length=32)]
+
+
+class _Args(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Base of every op's arguments: strict (unknown fields refused), defaults not sent."""
+
+
+class NoArgs(_Args):
+    pass
+
+
+class RegisterArgs(_Args):
+    layout: LayoutDict
+    pid: U64 = 0
+    engine_url: Str = ""
+
+
+class LookupArgs(_Args):
+    keys: Keys
+    remote: bool = False
+
+
+class ReserveArgs(_Args):
+    keys: Keys
+    nbytes: U64 | U64s  # one size, or one per key
+
+
+class CommitArgs(_Args):
+    ids: U64s
+    num_tokens: U64 | U64s
+    checksums: U64s = []
+
+
+class IdsArgs(_Args):
+    ids: U64s
+
+
+class PinArgs(_Args):
+    keys: Keys
+    owner: Name
+    lease_s: Seconds = 0.0
+
+
+class UnpinArgs(_Args):
+    lease_ids: U64s
+
+
+class OwnerArgs(_Args):
+    owner: Name
+
+
+class FetchArgs(_Args):
+    peer: Name
+    keys: Keys
+    request_id: Name
+    deadline_s: Seconds = 0.0
+    remote_owner: Str = ""
+    pin: bool = True
+
+
+class SendArgs(_Args):
+    peer: Name
+    keys: Keys
+    request_id: Name
+    deadline_s: Seconds = 0.0
+
+
+class JobArgs(_Args):
+    job_id: U64
+
+
+class WaitArgs(_Args):
+    job_id: U64
+    timeout_s: Seconds
+
+
+class ExpectArgs(_Args):
+    keys: Keys
+    request_id: Name
+    deadline_s: Seconds = 0.0
+
+
+class HelloArgs(_Args):
+    """``peer_hello``: who the caller is (its agent id and peer address, checked against what the
+    deployment knows of it), its chunk fingerprint, and the challenge's nonces and proofs
+    (``pdx.transport.handshake``)."""
+
+    agent_id: Str = ""
+    address: Str = ""
+    chunk_fingerprint: Str = ""
+    nonce: Small = b""
+    server_nonce: Small = b""
+    proof: Small = b""
+    signature: Small = b""
+
+
+class PeerCommitArgs(_Args):
+    ids: U64s
+    checksums: U64s
+    num_tokens: U64 | U64s
+
+
+#: each op's argument Struct
+ARGS: dict[Op, type[_Args]] = {
+    Op.PING: NoArgs, Op.REGISTER_ENGINE: RegisterArgs, Op.LOOKUP: LookupArgs, Op.RESERVE: ReserveArgs,
+    Op.COMMIT: CommitArgs, Op.ABORT: IdsArgs, Op.PIN: PinArgs, Op.UNPIN: UnpinArgs, Op.RELEASE: OwnerArgs,
+    Op.FETCH: FetchArgs, Op.SEND: SendArgs, Op.JOB_STATUS: JobArgs, Op.WAIT: WaitArgs, Op.CANCEL: JobArgs,
+    Op.STATS: NoArgs, Op.EXPECT: ExpectArgs, Op.PEER_HELLO: HelloArgs, Op.PEER_PIN: PinArgs,
+    Op.PEER_UNPIN: UnpinArgs, Op.PEER_RELEASE: OwnerArgs, Op.PEER_RESERVE: ReserveArgs,
+    Op.PEER_COMMIT: PeerCommitArgs, Op.PEER_ABORT: IdsArgs,
+}
+assert set(ARGS) == set(Op)
+
+#: each op's result type (``stats`` is the free-form ``/v1/status`` document)
+REPLY_TYPES: dict[Op, Any] = {
+    Op.PING: PingInfo, Op.REGISTER_ENGINE: RegisterInfo, Op.LOOKUP: LookupInfo,
+    Op.RESERVE: list[ReserveRow], Op.COMMIT: list[Outcome], Op.ABORT: U64, Op.PIN: list[PinInfo],
+    Op.UNPIN: U64, Op.RELEASE: U64, Op.FETCH: U64, Op.SEND: U64, Op.JOB_STATUS: JobInfo, Op.WAIT: JobInfo,
+    Op.CANCEL: bool, Op.STATS: dict[str, Any], Op.EXPECT: U64, Op.PEER_HELLO: HelloReply,
+    Op.PEER_PIN: list[PinInfo], Op.PEER_UNPIN: U64, Op.PEER_RELEASE: U64, Op.PEER_RESERVE: list[ReserveRow],
+    Op.PEER_COMMIT: list[Outcome], Op.PEER_ABORT: U64,
+}
+assert set(REPLY_TYPES) == set(Op)
+
+
+# --- envelopes -------------------------------------------------------------------------------------
+
+
+class _RequestFrame(msgspec.Struct, forbid_unknown_fields=True):
+    v: int
+    id: U64
+    op: Annotated[str, Meta(max_length=64)]
+    a: msgspec.Raw = msgspec.Raw(b"\x80")
+    auth: Annotated[bytes, Meta(max_length=64)] = b""
+
+
+class _ErrorBody(msgspec.Struct, forbid_unknown_fields=True):
+    code: int
+    msg: Annotated[str, Meta(max_length=8192)]
+
+
+class _ReplyFrame(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    v: int
+    id: U64
+    ok: bool
+    inst: Annotated[str, Meta(max_length=MAX_STR)] = ""
+    r: msgspec.Raw = msgspec.Raw(b"\xc0")
+    err: _ErrorBody | None = None
+
+
+class _OkReply(msgspec.Struct):
+    v: int
+    id: int
+    ok: bool
+    r: Any
+    inst: str
+
+
+class _ErrReply(msgspec.Struct):
+    v: int
+    id: int
+    ok: bool
+    err: _ErrorBody
+    inst: str
 
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """A decoded, validated request. ``args`` holds only the op's known keys, with defaults filled in."""
+    """A decoded, validated request: ``args`` is the op's argument Struct."""
 
     id: int
     op: Op
-    args: dict[str, Any]
+    args: Any
     auth: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """A decoded reply. ``error`` is the exception to raise when ``ok`` is false."""
+    """A decoded reply envelope. ``error`` is the exception to raise when ``ok`` is false; ``raw``
+    is the undecoded result (``result(op)`` decodes it into the op's type)."""
 
     id: int
     ok: bool
-    result: Any
+    raw: bytes
     instance: str
     error: PdxError | None = None
 
-
-# --- argument validators: each returns the clean value or raises WireError ----------------------
-
-
-def _bad(name: str, want: str, value: Any) -> WireError:
-    shown = repr(value)
-    if len(shown) > 80:
-        shown = shown[:77] + "..."
-    return WireError(f"argument {name!r}: expected {want}, got {shown}")
+    def result(self, op: Op | None) -> Any:
+        """The result, decoded strictly into ``REPLY_TYPES[op]`` (plain data without an op)."""
+        dec = _REPLY_DECODERS[op] if op is not None else _ANY
+        try:
+            return dec.decode(self.raw)
+        except msgspec.DecodeError as exc:
+            raise WireError(f"reply to {op.value if op else '?'}: {exc}") from None
 
 
-def _u64(name: str, v: Any) -> int:
-    if type(v) is not int or not 0 <= v <= _U64:
-        raise _bad(name, "a non-negative integer", v)
-    return v
-
-
-def _bounded(limit: float) -> Callable[[str, Any], float]:
-    """A positive number of seconds up to ``limit`` (an unbounded deadline overflows timers)."""
-    def check(name: str, v: Any) -> float:
-        if type(v) not in (int, float) or not math.isfinite(v) or not 0 < v <= limit:
-            raise _bad(name, f"a positive number of seconds, at most {limit:g}", v)
-        return float(v)
-    return check
-
-
-#: longest deadline, lease or wait a request may ask for (seconds).
-MAX_SECONDS = 86400.0
-_seconds = _bounded(MAX_SECONDS)
-
-
-def _bool(name: str, v: Any) -> bool:
-    if type(v) is not bool:
-        raise _bad(name, "true or false", v)
-    return v
-
-
-def _str(name: str, v: Any) -> str:
-    if type(v) is not str or len(v) > MAX_STR:
-        raise _bad(name, f"a string of at most {MAX_STR} characters", v)
-    return v
-
-
-def _nonempty_str(name: str, v: Any) -> str:
-    v = _str(name, v)
-    if not v:
-        raise _bad(name, "a non-empty string", v)
-    return v
-
-
-def _bytes_small(name: str, v: Any) -> bytes:
-    if type(v) is not bytes or len(v) > 256:
-        raise _bad(name, "bytes (at most 256)", v)
-    return v
-
-
-def _keys(name: str, v: Any) -> list[bytes]:
-    if type(v) is not list or len(v) > MAX_KEYS:
-        raise _bad(name, f"a list of at most {MAX_KEYS} keys", v)
-    for k in v:
-        if type(k) is not bytes or len(k) != KEY_BYTES:
-            raise _bad(name, f"keys of {KEY_BYTES} bytes", k)
-    return v
-
-
-def _u64_list(name: str, v: Any) -> list[int]:
-    if type(v) is not list or len(v) > MAX_KEYS:
-        raise _bad(name, f"a list of at most {MAX_KEYS} integers", v)
-    for x in v:
-        if type(x) is not int or not 0 <= x <= _U64:
-            raise _bad(name, "non-negative integers", x)
-    return v
-
-
-def _u64_or_list(name: str, v: Any) -> int | list[int]:
-    if type(v) is int:
-        return _u64(name, v)
-    return _u64_list(name, v)
-
-
-def _layout(name: str, v: Any) -> dict[str, Any]:
-    if type(v) is not dict or len(v) > 32:
-        raise _bad(name, "a layout mapping", v)
-    for k, x in v.items():
-        if type(k) is not str or len(k) > 64:
-            raise _bad(name, "string field names", k)
-        if type(x) not in (str, int) or (type(x) is str and len(x) > MAX_STR):
-            raise _bad(f"{name}.{k}", "a string or an integer", x)
-    return v
-
-
-_Validator = Callable[[str, Any], Any]
-_REQUIRED = object()
-
-#: op -> {argument: (validator, default or _REQUIRED)}
-_SCHEMAS: dict[Op, dict[str, tuple[_Validator, Any]]] = {
-    Op.PING: {},
-    Op.REGISTER_ENGINE: {"layout": (_layout, _REQUIRED), "pid": (_u64, 0), "engine_url": (_str, "")},
-    Op.LOOKUP: {"keys": (_keys, _REQUIRED), "remote": (_bool, False)},
-    Op.RESERVE: {"keys": (_keys, _REQUIRED), "nbytes": (_u64_or_list, _REQUIRED)},
-    Op.COMMIT: {"ids": (_u64_list, _REQUIRED), "checksums": (_u64_list, []),
-                "num_tokens": (_u64_or_list, _REQUIRED)},
-    Op.ABORT: {"ids": (_u64_list, _REQUIRED)},
-    Op.PIN: {"keys": (_keys, _REQUIRED), "owner": (_nonempty_str, _REQUIRED), "lease_s": (_seconds, 0.0)},
-    Op.UNPIN: {"lease_ids": (_u64_list, _REQUIRED)},
-    Op.RELEASE: {"owner": (_nonempty_str, _REQUIRED)},
-    Op.FETCH: {"peer": (_nonempty_str, _REQUIRED), "keys": (_keys, _REQUIRED),
-               "request_id": (_nonempty_str, _REQUIRED), "deadline_s": (_seconds, 0.0),
-               "remote_owner": (_str, ""), "pin": (_bool, True)},
-    Op.SEND: {"peer": (_nonempty_str, _REQUIRED), "keys": (_keys, _REQUIRED),
-              "request_id": (_nonempty_str, _REQUIRED), "deadline_s": (_seconds, 0.0)},
-    Op.JOB_STATUS: {"job_id": (_u64, _REQUIRED)},
-    Op.WAIT: {"job_id": (_u64, _REQUIRED), "timeout_s": (_seconds, _REQUIRED)},
-    Op.CANCEL: {"job_id": (_u64, _REQUIRED)},
-    Op.STATS: {},
-    Op.EXPECT: {"keys": (_keys, _REQUIRED), "request_id": (_nonempty_str, _REQUIRED),
-                "deadline_s": (_seconds, 0.0)},
-    Op.PEER_HELLO: {"agent_id": (_str, ""), "address": (_str, ""), "chunk_fingerprint": (_str, ""), "nonce": (_bytes_small, b""),
-                    "server_nonce": (_bytes_small, b""), "proof": (_bytes_small, b"")},
-    Op.PEER_PIN: {"keys": (_keys, _REQUIRED), "owner": (_nonempty_str, _REQUIRED),
-                  "lease_s": (_seconds, 0.0)},
-    Op.PEER_UNPIN: {"lease_ids": (_u64_list, _REQUIRED)},
-    Op.PEER_RELEASE: {"owner": (_nonempty_str, _REQUIRED)},
-    Op.PEER_RESERVE: {"keys": (_keys, _REQUIRED), "nbytes": (_u64_or_list, _REQUIRED)},
-    Op.PEER_COMMIT: {"ids": (_u64_list, _REQUIRED), "checksums": (_u64_list, _REQUIRED),
-                     "num_tokens": (_u64_or_list, _REQUIRED)},
-    Op.PEER_ABORT: {"ids": (_u64_list, _REQUIRED)},
-}
-assert set(_SCHEMAS) == set(Op)
-
-
-# --- encoding ----------------------------------------------------------------------------------
-
-
-def _unpack(frame: Any, max_bytes: int) -> Any:
-    if not isinstance(frame, (bytes, bytearray, memoryview)):
-        raise WireError(f"expected a bytes frame, got {type(frame).__name__}")
-    if len(frame) > max_bytes:
-        raise WireError(f"frame of {len(frame)} bytes is over the limit of {max_bytes}")
-    try:
-        return msgpack.unpackb(frame, raw=False, strict_map_key=True, use_list=True)
-    except Exception as exc:  # msgpack raises many types (ValueError, TypeError, StackError...)
-        raise WireError(f"not a msgpack message: {type(exc).__name__}: {exc}") from None
+_ENCODER = msgspec.msgpack.Encoder()
+_REQ_DECODER = msgspec.msgpack.Decoder(_RequestFrame)
+_REPLY_DECODER = msgspec.msgpack.Decoder(_ReplyFrame)
+_ARG_DECODERS = {op: msgspec.msgpack.Decoder(t) for op, t in ARGS.items()}
+_REPLY_DECODERS = {op: msgspec.msgpack.Decoder(t) for op, t in REPLY_TYPES.items()}
+_ANY = msgspec.msgpack.Decoder()
 
 
 def _pack(obj: Any) -> bytes:
     try:
-        return msgpack.packb(obj, use_bin_type=True)
+        return _ENCODER.encode(obj)
     except (TypeError, ValueError, OverflowError) as exc:
         raise WireError(f"cannot encode message: {exc}") from exc
 
 
-def encode_request(req_id: int, op: Op, args: Mapping[str, Any] | None = None, auth: bytes = b"") -> bytes:
-    """The frame of one request (the client side)."""
-    msg: dict[str, Any] = {"v": WIRE_VERSION, "id": req_id, "op": op.value, "a": dict(args or {})}
+def encode_request(req_id: int, op: Op, args: _Args | Mapping[str, Any] | None = None, auth: bytes = b"") -> bytes:
+    """The frame of one request (the client side). ``args`` is the op's Struct (or, for tests and
+    tools, a plain mapping: the server checks it the same way)."""
+    a = args if isinstance(args, msgspec.Struct) else dict(args or {})
+    msg: dict[str, Any] = {"v": WIRE_VERSION, "id": req_id, "op": op.value, "a": a}
     if auth:
         msg["auth"] = auth
     return _pack(msg)
+
+
+def _check_frame(frame: Any, max_bytes: int) -> None:
+    if not isinstance(frame, (bytes, bytearray, memoryview)):
+        raise WireError(f"expected a bytes frame, got {type(frame).__name__}")
+    if len(frame) > max_bytes:
+        raise WireError(f"frame of {len(frame)} bytes is over the limit of {max_bytes}")
+
+
+def _salvage_id(frame: Any) -> int | None:
+    """The request id of a frame whose envelope is bad, when it has a usable one (for the error reply)."""
+    try:
+        msg = _ANY.decode(frame)
+    except Exception:
+        return None
+    rid = msg.get("id") if type(msg) is dict else None
+    return rid if type(rid) is int and 0 <= rid <= _U64_MAX else None
+
+
+def _why(exc: msgspec.ValidationError | msgspec.DecodeError) -> str:
+    text = str(exc)
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def decode_request(frame: Any, max_bytes: int = DEFAULT_MAX_FRAME,
@@ -272,88 +360,64 @@ def decode_request(frame: Any, max_bytes: int = DEFAULT_MAX_FRAME,
     Raises only ``WireError``; when the envelope carried a usable id, the error
     has it as ``request_id`` so the server can address its error reply.
     """
-    msg = _unpack(frame, max_bytes)
-    if type(msg) is not dict:
-        raise WireError(f"expected a map, got {type(msg).__name__}")
-    rid = msg.get("id")
+    _check_frame(frame, max_bytes)
     try:
-        if type(rid) is not int or not 0 <= rid <= _U64:
-            raise WireError(f"'id' must be a non-negative integer, got {rid!r}")
-        version = msg.get("v")
-        if version != WIRE_VERSION:
-            raise WireError(f"wire version {version!r}, this agent speaks {WIRE_VERSION}")
-        if not msg.keys() <= _ENVELOPE:
-            extra = set(msg) - _ENVELOPE
-            if extra:
-                raise WireError(f"unknown envelope field {sorted(map(str, extra))[0]!r}")
-        name = msg.get("op")
-        op = _OPS_BY_NAME.get(name) if type(name) is str else None
+        env = _REQ_DECODER.decode(frame)
+    except msgspec.ValidationError as exc:
+        err = WireError(f"bad request envelope: {_why(exc)}")
+        rid = _salvage_id(frame)
+        if rid is not None:
+            err.request_id = rid  # type: ignore[attr-defined]
+        raise err from None
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise WireError(f"not a msgpack request: {exc}") from None
+    try:
+        if env.v != WIRE_VERSION:
+            raise WireError(f"wire version {env.v!r}, this agent speaks {WIRE_VERSION}")
+        op = _OPS_BY_NAME.get(env.op)
         if op is None or (allowed is not None and op not in allowed):
-            raise WireError(f"unknown message type {name!r}")
-        raw_args = msg.get("a", {})
-        if type(raw_args) is not dict:
-            raise WireError(f"'a' must be a map, got {type(raw_args).__name__}")
-        auth = msg.get("auth", b"")
-        if type(auth) is not bytes or len(auth) > 64:
-            raise WireError("'auth' must be at most 64 bytes")
-        return Request(rid, op, _validate_args(op, raw_args), auth)
+            raise WireError(f"unknown message type {env.op!r}")
+        try:
+            args = _ARG_DECODERS[op].decode(env.a)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise WireError(f"{op.value}: {_why(exc)}") from None
+        return Request(env.id, op, args, env.auth)
     except WireError as exc:
-        if type(rid) is int and 0 <= rid <= _U64:
-            exc.request_id = rid  # type: ignore[attr-defined]
+        exc.request_id = env.id  # type: ignore[attr-defined]
         raise
 
 
-def _validate_args(op: Op, raw: dict[str, Any]) -> dict[str, Any]:
-    schema = _SCHEMAS[op]
-    extra = set(raw) - set(schema)
-    if extra:
-        raise WireError(f"{op.value}: unknown argument {sorted(map(str, extra))[0]!r}; "
-                        f"allowed: {', '.join(sorted(schema)) or 'none'}")
-    out: dict[str, Any] = {}
-    for name, (check, default) in schema.items():
-        if name in raw:
-            out[name] = check(name, raw[name])
-        elif default is _REQUIRED:
-            raise WireError(f"{op.value}: missing argument {name!r}")
-        else:
-            out[name] = default
-    return out
-
-
 def encode_reply(req_id: int, result: Any, instance: str) -> bytes:
-    return _pack({"v": WIRE_VERSION, "id": req_id, "ok": True, "r": result, "inst": instance})
+    return _pack(_OkReply(WIRE_VERSION, req_id, True, result, instance))
 
 
 def encode_error(req_id: int, exc: BaseException, instance: str) -> bytes:
-    """An error reply. ``PdxError`` subclasses keep their class name; anything else is an AgentError."""
-    name = type(exc).__name__ if isinstance(exc, PdxError) else "AgentError"
+    """An error reply: the code of the exception's class and its message (anything that is not a
+    ``PdxError`` is ``INTERNAL``)."""
     msg = str(exc) if isinstance(exc, PdxError) else f"internal error: {type(exc).__name__}: {exc}"
-    return _pack({"v": WIRE_VERSION, "id": req_id, "ok": False,
-                  "err": {"type": name, "msg": msg[:4096]}, "inst": instance})
+    return _pack(_ErrReply(WIRE_VERSION, req_id, False, _ErrorBody(int(code_of(exc)), msg[:4096]), instance))
 
 
 def decode_reply(frame: Any, max_bytes: int = DEFAULT_MAX_FRAME) -> Reply:
-    """Decode one reply frame (the client side). Raises only ``WireError``."""
-    msg = _unpack(frame, max_bytes)
-    if type(msg) is not dict:
-        raise WireError(f"reply: expected a map, got {type(msg).__name__}")
-    if msg.get("v") != WIRE_VERSION:
-        raise WireError(f"reply of wire version {msg.get('v')!r}, this client speaks {WIRE_VERSION}")
-    rid, ok, inst = msg.get("id"), msg.get("ok"), msg.get("inst", "")
-    if type(rid) is not int or type(ok) is not bool or type(inst) is not str:
-        raise WireError("reply: bad envelope (id, ok, inst)")
-    if ok:
-        return Reply(rid, True, msg.get("r"), inst)
-    err = msg.get("err")
-    if type(err) is not dict or type(err.get("type")) is not str or type(err.get("msg")) is not str:
-        raise WireError("reply: error without type and message")
-    return Reply(rid, False, None, inst, error_from_wire(err["type"], err["msg"]))
+    """Decode one reply envelope (the client side). Raises only ``WireError``."""
+    _check_frame(frame, max_bytes)
+    try:
+        env = _REPLY_DECODER.decode(frame)
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
+        raise WireError(f"reply: {exc}") from None
+    if env.v != WIRE_VERSION:
+        raise WireError(f"reply of wire version {env.v!r}, this client speaks {WIRE_VERSION}")
+    if env.ok:
+        return Reply(env.id, True, bytes(env.r), env.inst)
+    if env.err is None:
+        raise WireError("reply: error without code and message")
+    return Reply(env.id, False, b"", env.inst, error_from_wire(env.err.code, env.err.msg))
 
 
-def error_from_wire(type_name: str, message: str) -> PdxError:
-    """The exception a client raises for an error reply: the same ``pdx.errors`` class
-    when it is one, ``AgentError`` otherwise."""
-    cls = getattr(_errors, type_name, None)
-    if isinstance(cls, type) and issubclass(cls, PdxError):
-        return cls(message)
-    return AgentError(f"{type_name}: {message}")
+def error_from_wire(code: int, message: str) -> PdxError:
+    """The exception a client raises for an error reply: the class of ``code`` (``AgentError`` for a
+    code this side does not know)."""
+    cls = error_class(code)
+    if code == ErrorCode.INTERNAL:
+        return AgentError(message)
+    return cls(message)

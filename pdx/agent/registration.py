@@ -29,7 +29,7 @@ from pdx.config import RegistrationConfig
 from pdx.scheduler.messages import AgentAnnouncement
 
 if TYPE_CHECKING:
-    from pdx.agent.server import AgentServer
+    from pdx.agent.context import AgentContext
 
 log = logging.getLogger("pdx.agent.registration")
 
@@ -49,7 +49,7 @@ class Announcer:
 
     def __init__(self, config: RegistrationConfig, snapshot: Callable[[bool], AgentAnnouncement | None],
                  metrics: AgentMetrics,
-                 on_peers: Callable[[list[tuple[str, str]]], None] | None = None) -> None:
+                 on_peers: Callable[[list[tuple[str, str, str]]], None] | None = None) -> None:
         self.config = config
         self._on_peers = on_peers
         self.urls = [u + REGISTER_PATH for u in proxy_urls(config)]
@@ -112,8 +112,9 @@ class Announcer:
         return ok
 
     def _peers_from(self, reply: bytes) -> None:
-        """The proxy's list of registered agents (``peers``: agent_id + peer address): the agents of
-        this deployment, the only ones this agent fetches from (besides ``transport.peers``)."""
+        """The proxy's list of registered agents (``peers``: agent_id, peer address and public key):
+        the agents of this deployment, the only ones this agent fetches from (besides
+        ``transport.peers``), and the keys that prove who they are in ``peer_hello``."""
         if self._on_peers is None:
             return
         try:
@@ -123,8 +124,8 @@ class Announcer:
             raw = None
         if not isinstance(raw, list):
             return  # an older proxy: keep what we knew
-        peers = [(str(p.get("agent_id", "")), str(p.get("peer_address", ""))) for p in raw
-                 if isinstance(p, dict) and isinstance(p.get("peer_address"), str)]
+        peers = [(str(p.get("agent_id", "")), str(p.get("peer_address", "")), str(p.get("identity_key", "")))
+                 for p in raw if isinstance(p, dict) and isinstance(p.get("peer_address"), str)]
         self._on_peers(peers)
 
     def _note(self, url: str, ok: bool, why: str) -> None:
@@ -151,35 +152,40 @@ class Announcer:
             self.announce(leaving=True)
 
 
-def build_announcement(server: AgentServer, seq: int, leaving: bool,
+def build_announcement(ctx: AgentContext, seq: int, leaving: bool, *, engine_url: str, agent_url: str = "",
+                       control_address: str = "",
                        keys: Callable[[], Sequence[bytes]] | None = None) -> AgentAnnouncement:
-    """The announcement of ``server`` now (any thread). ``keys`` lists the chunk keys to summarise."""
+    """The announcement of the agent of ``ctx`` now (any thread). ``engine_url``, ``agent_url`` and
+    ``control_address`` are what the agent's process knows of its engine and endpoints; ``keys`` lists
+    the chunk keys to summarise."""
     from pdx.config import shared_tier_ids
     from pdx.scheduler.messages import AgentLoad, WorkerRole
     from pdx.scheduler.summary import KeySummary
 
-    cfg = server.config
-    status = server.status()
-    pool = status.get("pool") or {}
-    layout = server.layout
+    cfg = ctx.config
+    used = capacity = 0
+    if ctx.store is not None:
+        st = ctx.store.stats()
+        used, capacity = st.used_bytes, st.slab_count * st.slab_size
+    layout = ctx.layout
     summary = None
     if keys is not None:
         summary = KeySummary.build(keys(), cfg.registration.summary_fp_rate)
     return AgentAnnouncement(
-        agent_id=server.agent_id,
+        agent_id=ctx.agent_id,
         role=WorkerRole(cfg.role),
-        engine_url=server.engine_url,
-        agent_url=server.http_url,
-        control_address=server.control_address,
-        transport_address=server.peer_address,
+        engine_url=engine_url,
+        agent_url=agent_url,
+        control_address=control_address,
+        transport_address=ctx.peer_address,
         models=tuple(cfg.registration.models),
-        load=AgentLoad(requests=0, tokens=0, pool_used_bytes=int(pool.get("used_bytes", 0)),
-                       pool_capacity_bytes=int(pool.get("capacity_bytes", 0))),
+        load=AgentLoad(requests=0, tokens=0, pool_used_bytes=int(used), pool_capacity_bytes=int(capacity)),
         chunk_fingerprint=layout.chunk_fingerprint if layout is not None else "",
         chunk_tokens=cfg.store.chunk_tokens,
         namespace=cfg.store.namespace,
         keys=summary,
         shared_tiers=tuple(shared_tier_ids(cfg.store)),
+        identity_key=ctx.identity.public if ctx.identity is not None else "",
         heartbeat_s=cfg.registration.heartbeat_s,
         seq=seq,
         timestamp=time.time(),

@@ -43,20 +43,47 @@ from pdx.agent.links import Links
 from pdx.agent.loop import ControlLoop, Deferred, Endpoint
 from pdx.agent.metrics import AgentMetrics
 from pdx.agent.peers import PeerService
-from pdx.agent.protocol import LOCAL_OPS, WIRE_VERSION
+from pdx.agent.protocol import (
+    LOCAL_OPS,
+    WIRE_VERSION,
+    CommitArgs,
+    ExpectArgs,
+    FetchArgs,
+    IdsArgs,
+    JobArgs,
+    LookupArgs,
+    NoArgs,
+    OwnerArgs,
+    PinArgs,
+    RegisterArgs,
+    ReserveArgs,
+    SendArgs,
+    UnpinArgs,
+    WaitArgs,
+)
 from pdx.agent.transfers import Transfers
 from pdx.agent.trust import check_bind, load_secret
-from pdx.agent.types import JobKind, JobState
+from pdx.agent.types import (
+    JobInfo,
+    JobKind,
+    JobState,
+    LookupInfo,
+    PingInfo,
+    RegisterInfo,
+    ReserveRow,
+)
 from pdx.config import AgentConfig, data_dir
 from pdx.errors import (
     AgentError,
-    CapacityError,
+    ErrorCode,
     LayoutError,
     StoreError,
     WireError,
+    code_of,
 )
 from pdx.keys import ChunkKey
 from pdx.layout import KVLayout
+from pdx.transport.handshake import Identity
 
 if TYPE_CHECKING:
     from pdx.agent.launcher import EngineSupervisor
@@ -95,9 +122,10 @@ class AgentServer:
             config=config, agent_id=self.agent_id, instance=self.instance, secret=self.secret,
             metrics=self.metrics, jobs=self.jobs,
             transfers=ThreadPoolExecutor(config.control.workers, thread_name_prefix="pdx-agent-xfer"),
-            control=ThreadPoolExecutor(CONTROL_WORKERS, thread_name_prefix="pdx-agent-ctl"))
+            control=ThreadPoolExecutor(CONTROL_WORKERS, thread_name_prefix="pdx-agent-ctl"),
+            identity=Identity())
         self.peers = PeerService(self.ctx, ping=self.h_ping)
-        self.links = Links(self.ctx)
+        self.links = Links(self.ctx, key_at=self.peers.known.key_at)
         self.transfers = Transfers(self.ctx, self.links, check_peer=self.peers.check_known)
         # read when /metrics is scraped (the store's lock, no I/O)
         self.metrics.leases_active.set_function(lambda: self.store.stats().leases if self.store else 0)
@@ -208,19 +236,19 @@ class AgentServer:
 
     # --- local handlers (control-loop thread) --------------------------------------------------
 
-    def h_ping(self, a: dict[str, Any]) -> dict[str, Any]:
-        return {"agent_id": self.agent_id, "instance": self.instance, "role": self.config.role,
-                "wire_version": WIRE_VERSION, "version": pdx.__version__, "pid": os.getpid(),
-                "uptime_s": round(time.monotonic() - self._started, 3), "registered": self.store is not None,
-                "peer_address": self.peer_address}
+    def h_ping(self, a: NoArgs) -> PingInfo:
+        return PingInfo(agent_id=self.agent_id, instance=self.instance, role=self.config.role,
+                        wire_version=WIRE_VERSION, version=pdx.__version__, pid=os.getpid(),
+                        uptime_s=round(time.monotonic() - self._started, 3), registered=self.store is not None,
+                        peer_address=self.peer_address)
 
-    def h_register_engine(self, a: dict[str, Any]) -> Any:
-        layout = KVLayout.from_dict(a["layout"])
+    def h_register_engine(self, a: RegisterArgs) -> Any:
+        layout = KVLayout.from_dict(dict(a.layout.items()))
         if self.store is not None and not self._reg_lock.locked():  # an engine restart: answer at once
-            return self._register(layout, a["pid"], a["engine_url"])
-        return self._deferred(self._register, layout, a["pid"], a["engine_url"], timeout_s=120.0)
+            return self._register(layout, a.pid, a.engine_url)
+        return self._deferred(self._register, layout, a.pid, a.engine_url, timeout_s=120.0)
 
-    def _register(self, layout: KVLayout, pid: int, engine_url: str) -> dict[str, Any]:
+    def _register(self, layout: KVLayout, pid: int, engine_url: str) -> RegisterInfo:
         with self._reg_lock:
             created = self.store is None
             if created:
@@ -240,12 +268,12 @@ class AgentServer:
         self.metrics.registrations.labels(outcome="created" if created else "attached").inc()
         log.info("engine pid %s registered (%s pool %s, %d slabs of %d bytes)", pid or "?",
                  "new" if created else "existing", store.pool_name, store.slab_count, store.slab_size)
-        return {"agent_id": self.agent_id, "instance": self.instance, "shm_name": store.pool_name,
-                "pool_nbytes": store.pool.nbytes, "slab_size": store.slab_size, "slab_count": store.slab_count,
-                "chunk_tokens": store.chunk_tokens, "chunk_bytes": lay.chunk_bytes(store.chunk_tokens),
-                "chunk_fingerprint": lay.chunk_fingerprint, "fingerprint": lay.fingerprint,
-                "namespace": self.config.store.namespace, "peer_address": self.peer_address,
-                "created": created}
+        return RegisterInfo(agent_id=self.agent_id, instance=self.instance, shm_name=store.pool_name,
+                            pool_nbytes=store.pool.nbytes, slab_size=store.slab_size, slab_count=store.slab_count,
+                            chunk_tokens=store.chunk_tokens, chunk_bytes=lay.chunk_bytes(store.chunk_tokens),
+                            chunk_fingerprint=lay.chunk_fingerprint, fingerprint=lay.fingerprint,
+                            namespace=self.config.store.namespace, peer_address=self.peer_address,
+                            created=created)
 
     def _create_store(self, layout: KVLayout) -> None:
         from pdx.store.metrics import StoreMetrics
@@ -276,68 +304,65 @@ class AgentServer:
         log.info("pool %s created: %d slabs of %d bytes; transport %s listening at %s", store.pool_name,
                  store.slab_count, store.slab_size, transport.name, address)
 
-    def h_lookup(self, a: dict[str, Any]) -> Any:
+    def h_lookup(self, a: LookupArgs) -> Any:
         store, _t, _l = self.require_store()
-        if a["remote"] and store.remote_tiers:
-            return self._deferred(self._lookup, store, a["keys"], True)
-        return self._lookup(store, a["keys"], False)
+        if a.remote and store.remote_tiers:
+            return self._deferred(self._lookup, store, a.keys, True)
+        return self._lookup(store, a.keys, False)
 
     @staticmethod
-    def _lookup(store: ChunkStore, keys: list[bytes], remote: bool) -> dict[str, Any]:
+    def _lookup(store: ChunkStore, keys: list[bytes], remote: bool) -> LookupInfo:
         r = store.lookup(cast("list[ChunkKey]", keys), remote=remote)  # keys are 16-byte bytes (checked)
-        return {"prefix_chunks": r.prefix_chunks, "chunk_tokens": r.chunk_tokens,
-                "tiers": [t.value if t is not None else None for t in r.tiers]}
+        return LookupInfo(r.prefix_chunks, r.chunk_tokens, tuple(t.value if t is not None else None for t in r.tiers))
 
-    def reserve_one(self, key: bytes, nbytes: int) -> list[Any]:
+    def reserve_one(self, key: bytes, nbytes: int) -> ReserveRow:
         store, _t, _l = self.require_store()
         try:
             res = store.reserve(ChunkKey(key), nbytes)
-        except CapacityError as exc:
-            return [0, 0, 0, f"capacity: {exc}"]
         except StoreError as exc:
-            return [0, 0, 0, str(exc)]
-        return [res.id, res.offset, res.nbytes, ""]
+            return ReserveRow(0, code=code_of(exc), error=str(exc))
+        return ReserveRow(res.id, res.offset, res.nbytes)
 
-    def h_reserve(self, a: dict[str, Any]) -> list[list[Any]]:
-        keys, nbytes = a["keys"], a["nbytes"]
+    def h_reserve(self, a: ReserveArgs) -> list[ReserveRow]:
+        keys, nbytes = a.keys, a.nbytes
         if not isinstance(nbytes, int) and len(nbytes) != len(keys):
             raise WireError("reserve: 'nbytes' must be one size or one per key")
         out = []
-        full = ""
+        full: ReserveRow | None = None
         for i, key in enumerate(keys):
-            if full:  # the pool is full of pinned/reserved slabs: the rest would fail the same way
-                out.append([0, 0, 0, full])
+            if full is not None:  # the pool is full of pinned/reserved slabs: the rest would fail the same way
+                out.append(full)
                 continue
             r = self.reserve_one(key, nbytes if isinstance(nbytes, int) else nbytes[i])
-            if r[3].startswith("capacity"):
-                full = r[3]
+            if r.code is ErrorCode.CAPACITY:
+                full = r
             out.append(r)
         return out
 
-    def h_commit(self, a: dict[str, Any]) -> Deferred:
+    def h_commit(self, a: CommitArgs) -> Deferred:
         store, _t, _l = self.require_store()
-        ids, sums, ntok = a["ids"], a["checksums"], a["num_tokens"]
+        ids, sums, ntok = a.ids, a.checksums, a.num_tokens
         if (sums and len(sums) != len(ids)) or (not isinstance(ntok, int) and len(ntok) != len(ids)):
             raise WireError("commit: 'checksums' (if given) and a 'num_tokens' list need one entry per id")
         return self._deferred(commit_chunks, store, ids, sums, ntok)
 
-    def h_abort(self, a: dict[str, Any]) -> int:
+    def h_abort(self, a: IdsArgs) -> int:
         store, _t, _l = self.require_store()
-        return abort_ids(store, a["ids"])
+        return abort_ids(store, a.ids)
 
-    def h_pin(self, a: dict[str, Any]) -> Any:
-        lease = min(a["lease_s"] or self.config.store.l1.lease_s, self.config.leases.max_s)
-        return pin_keys(self.ctx, a["keys"], a["owner"], lease, origin="local")
+    def h_pin(self, a: PinArgs) -> Any:
+        lease = min(a.lease_s or self.config.store.l1.lease_s, self.config.leases.max_s)
+        return pin_keys(self.ctx, a.keys, a.owner, lease, origin="local")
 
-    def h_unpin(self, a: dict[str, Any]) -> int:
+    def h_unpin(self, a: UnpinArgs) -> int:
         store, _t, _l = self.require_store()
-        n = sum(bool(store.unpin(lid)) for lid in a["lease_ids"])
+        n = sum(bool(store.unpin(lid)) for lid in a.lease_ids)
         self.metrics.leases_released.inc(n)
         return n
 
-    def h_release(self, a: dict[str, Any]) -> int:
+    def h_release(self, a: OwnerArgs) -> int:
         """Drop the owner's pins and cancel its transfers (a finished or aborted request)."""
-        owner = a["owner"]
+        owner = a.owner
         self.peers.expected.forget(owner)
         for job in self.jobs.active_jobs():
             if job.request_id == owner:
@@ -348,28 +373,27 @@ class AgentServer:
         self.metrics.leases_released.inc(n)
         return n
 
-    def _start_job(self, kind: JobKind, a: dict[str, Any], **kw: Any) -> int:
+    def _start_job(self, kind: JobKind, a: FetchArgs | SendArgs, **kw: Any) -> int:
         self.require_store()
         if self._draining:
             raise AgentError("the agent is shutting down: no new transfers")
-        deadline = time.monotonic() + (a["deadline_s"] or self.config.transport.transfer_timeout_s)
-        job = self.jobs.create(kind, a["request_id"], a["peer"], a["keys"], deadline)
+        deadline = time.monotonic() + (a.deadline_s or self.config.transport.transfer_timeout_s)
+        job = self.jobs.create(kind, a.request_id, a.peer, a.keys, deadline)
         self.metrics.jobs_active.set(self.jobs.active)
         self.transfers.submit(job, **kw)
         return job.id
 
-    def h_fetch(self, a: dict[str, Any]) -> int:
-        return self._start_job(JobKind.FETCH, a, remote_owner=a["remote_owner"], pin=a["pin"])
+    def h_fetch(self, a: FetchArgs) -> int:
+        return self._start_job(JobKind.FETCH, a, remote_owner=a.remote_owner, pin=a.pin)
 
-    def h_send(self, a: dict[str, Any]) -> int:
+    def h_send(self, a: SendArgs) -> int:
         return self._start_job(JobKind.SEND, a)
 
-    def h_expect(self, a: dict[str, Any]) -> int:
+    def h_expect(self, a: ExpectArgs) -> int:
         """Accept pushes (a peer's ``send``) of ``keys`` until the deadline: the only keys a peer may
         reserve here. ``release(request_id)`` withdraws them."""
-        self.peers.expected.add(a["keys"], a["request_id"],
-                                a["deadline_s"] or self.config.transport.transfer_timeout_s)
-        return len(a["keys"])
+        self.peers.expected.add(a.keys, a.request_id, a.deadline_s or self.config.transport.transfer_timeout_s)
+        return len(a.keys)
 
     def _job(self, job_id: int) -> Job:
         job = self.jobs.get(job_id)
@@ -378,18 +402,17 @@ class AgentServer:
                              f"{self.config.control.job_retention_s:g}s)")
         return job
 
-    def h_job_status(self, a: dict[str, Any]) -> dict[str, Any]:
-        return self.jobs.snapshot(self._job(a["job_id"])).to_wire()
+    def h_job_status(self, a: JobArgs) -> JobInfo:
+        return self.jobs.snapshot(self._job(a.job_id))
 
-    def h_wait(self, a: dict[str, Any]) -> Any:
-        job = self._job(a["job_id"])
+    def h_wait(self, a: WaitArgs) -> Any:
+        job = self._job(a.job_id)
         with self._waiters_lock:
             if job.state is not JobState.DONE:
                 fut: Future[Any] = Future()
                 self._waiters.setdefault(job.id, []).append(fut)
-                return Deferred(fut, min(a["timeout_s"], MAX_WAIT_S),
-                                on_timeout=lambda: self.jobs.snapshot(job).to_wire())
-        return self.jobs.snapshot(job).to_wire()
+                return Deferred(fut, min(a.timeout_s, MAX_WAIT_S), on_timeout=lambda: self.jobs.snapshot(job))
+        return self.jobs.snapshot(job)
 
     def _job_done(self, job: Job) -> None:
         """Runs on the thread that finished the job: metrics, then wake the waiters."""
@@ -403,17 +426,16 @@ class AgentServer:
             m.chunks.labels(kind=kind, status=c.status.value).inc()
         m.bytes.labels(kind=kind).inc(info.nbytes)
         m.transfer_seconds.labels(kind=kind).observe(info.elapsed_s)
-        m.jobs_active.set(self.jobs.active)
+        m.jobs_active.set(max(0, self.jobs.active - 1))  # this job still counts until on_done returns
         with self._waiters_lock:
             futs = self._waiters.pop(job.id, [])
-        wire = info.to_wire()
         for f in futs:
-            f.set_result(wire)
+            f.set_result(info)
 
-    def h_cancel(self, a: dict[str, Any]) -> bool:
-        return self.jobs.cancel(a["job_id"])
+    def h_cancel(self, a: JobArgs) -> bool:
+        return self.jobs.cancel(a.job_id)
 
-    def h_stats(self, a: dict[str, Any]) -> dict[str, Any]:
+    def h_stats(self, a: NoArgs) -> dict[str, Any]:
         return self.status()
 
     # --- status (any thread) -------------------------------------------------------------------

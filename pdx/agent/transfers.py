@@ -31,12 +31,13 @@ from typing import Any
 from pdx.agent.context import AgentContext
 from pdx.agent.jobs import Job
 from pdx.agent.links import Links, PeerLink
-from pdx.agent.protocol import Op
-from pdx.agent.types import ChunkResult, ChunkStatus, JobKind
+from pdx.agent.protocol import IdsArgs, Op, OwnerArgs, PeerCommitArgs, PinArgs, ReserveArgs
+from pdx.agent.types import ChunkResult, ChunkStatus, JobKind, Outcome, PinInfo, ReserveRow
 from pdx.errors import (
     AgentUnavailable,
     AuthError,
     CapacityError,
+    ErrorCode,
     IntegrityError,
     PdxError,
     PeerDenied,
@@ -44,6 +45,7 @@ from pdx.errors import (
     StoreError,
     TransferCancelled,
     TransferTimeout,
+    WireError,
 )
 from pdx.keys import ChunkKey
 from pdx.store.types import Tier
@@ -131,22 +133,22 @@ class Transfers:
                 return 0
             link = self.links.link(job.peer, self._left(job))
             lease = min(max(self._left(job) + 5.0, 10.0), ctx.config.leases.max_s)
-            raw = link.client.call(Op.PEER_PIN, {"keys": list(need), "owner": owner, "lease_s": lease},
-                                   self._left(job))
+            pins: list[PinInfo] = link.client.call(Op.PEER_PIN, PinArgs(list(need), owner, lease), self._left(job))
+            if len(pins) != len(need):
+                raise WireError(f"peer_pin: {len(pins)} rows for {len(need)} keys")
             ops: list[ChunkOp] = []
             moving: list[tuple[ChunkKey, int, int, int]] = []  # key, reservation id, checksum, num_tokens
-            for k, p in zip(need, raw):
-                lid, _key, off, nb, csum, ntok, _exp = p
-                if not lid:
+            for k, pin_ in zip(need, pins):
+                if not pin_.lease_id or pin_.key != k:
                     results[k] = ChunkResult(k, ChunkStatus.MISSING, reason="not held by the peer")
                     continue
                 try:
-                    res = store.reserve(k, int(nb))
+                    res = store.reserve(k, pin_.nbytes)
                 except (CapacityError, StoreError) as exc:
                     results[k] = ChunkResult(k, ChunkStatus.FAILED, reason=f"no local slab: {exc}")
                     continue
-                ops.append(ChunkOp(res.offset, int(off), int(nb)))
-                moving.append((k, res.id, int(csum), int(ntok)))
+                ops.append(ChunkOp(res.offset, pin_.offset, pin_.nbytes))
+                moving.append((k, res.id, pin_.checksum, pin_.num_tokens))
             moved = self._move(job, transport, link, OpKind.READ, ops, moving, results, store, pin)
             if pin:  # an engine's load: count what came over the peer plane, by why it was fetched
                 source = "pd" if remote_owner else "peer"
@@ -250,7 +252,7 @@ class Transfers:
             if not who:
                 continue
             try:
-                link.client.call(Op.PEER_RELEASE, {"owner": who}, timeout=1.0)
+                link.client.call(Op.PEER_RELEASE, OwnerArgs(who), timeout=1.0)
             except PdxError as exc:  # the lease expires on its own
                 log.info("could not release pins of %s at %s: %s", who, link.address, exc)
 
@@ -268,18 +270,21 @@ class Transfers:
             if not present:
                 return 0
             link = self.links.link(job.peer, self._left(job))
-            raw = link.client.call(Op.PEER_RESERVE, {"keys": [k for k, _ in present],
-                                                     "nbytes": [p.nbytes for _, p in present]}, self._left(job))
+            rows: list[ReserveRow] = link.client.call(
+                Op.PEER_RESERVE, ReserveArgs([k for k, _ in present], [p.nbytes for _, p in present]),
+                self._left(job))
+            if len(rows) != len(present):
+                raise WireError(f"peer_reserve: {len(rows)} rows for {len(present)} keys")
             ops: list[ChunkOp] = []
             sent: list[tuple[ChunkKey, int, int, int]] = []
-            for (k, p), (rid, off, _nb, err) in zip(present, raw):
-                if err == "present":
+            for (k, p), row in zip(present, rows):
+                if row.code is ErrorCode.PRESENT:
                     results[k] = ChunkResult(k, ChunkStatus.PRESENT)
-                elif not rid:
-                    results[k] = ChunkResult(k, ChunkStatus.FAILED, reason=f"peer: {err}")
+                elif not row.id:
+                    results[k] = ChunkResult(k, ChunkStatus.FAILED, reason=f"peer: {row.code.name}: {row.error}")
                 else:
-                    ops.append(ChunkOp(p.offset, int(off), p.nbytes))
-                    sent.append((k, int(rid), p.checksum, p.num_tokens))
+                    ops.append(ChunkOp(p.offset, row.offset, p.nbytes))
+                    sent.append((k, row.id, p.checksum, p.num_tokens))
             if not ops:
                 return 0
             handle = transport.post(link.transport_peer, OpKind.WRITE, ops)
@@ -293,18 +298,20 @@ class Transfers:
                                          reason=batch.errors.get(i, ""))
             if failed:
                 try:
-                    link.client.call(Op.PEER_ABORT, {"ids": [s[1] for _, s in failed]}, 1.0)
+                    link.client.call(Op.PEER_ABORT, IdsArgs([s[1] for _, s in failed]), 1.0)
                 except PdxError:
                     pass  # the peer's reservations expire on their own
             moved = 0
             if landed:
-                errs = link.client.call(Op.PEER_COMMIT, {
-                    "ids": [s[1] for _, s in landed], "checksums": [s[2] for _, s in landed],
-                    "num_tokens": [s[3] for _, s in landed]}, max(0.5, self._left(job)))
-                for (i, (k, _rid, _c, _n)), err in zip(landed, errs):
-                    if err:
-                        status = ChunkStatus.CORRUPT if str(err).startswith("corrupt") else ChunkStatus.FAILED
-                        results[k] = ChunkResult(k, status, reason=str(err))
+                outcomes: list[Outcome] = link.client.call(Op.PEER_COMMIT, PeerCommitArgs(
+                    [s[1] for _, s in landed], [s[2] for _, s in landed], [s[3] for _, s in landed]),
+                    max(0.5, self._left(job)))
+                if len(outcomes) != len(landed):
+                    raise WireError(f"peer_commit: {len(outcomes)} outcomes for {len(landed)} chunks")
+                for (i, (k, _rid, _c, _n)), o in zip(landed, outcomes):
+                    if not o.ok:
+                        status = ChunkStatus.CORRUPT if o.code is ErrorCode.INTEGRITY else ChunkStatus.FAILED
+                        results[k] = ChunkResult(k, status, reason=f"{o.code.name}: {o.msg}")
                     else:
                         results[k] = ChunkResult(k, ChunkStatus.DONE, nbytes=ops[i].nbytes)
                         moved += ops[i].nbytes

@@ -17,8 +17,6 @@ session and op). Thread-safe: one lock per table, every method a few dict operat
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import ipaddress
 import logging
 import os
@@ -46,11 +44,6 @@ MAX_SESSIONS = 4096
 MAX_SESSION_KEYS = 65536
 #: keys this agent expects pushes for, at most.
 MAX_EXPECTED = 1 << 20
-
-
-def mac(secret: str, label: bytes, a: bytes, b: bytes) -> bytes:
-    """HMAC-SHA256 of ``label | a | b`` under the secret: both directions of the challenge."""
-    return hmac.new(secret.encode(), label + a + b, hashlib.sha256).digest()
 
 
 # --- the deployment secret --------------------------------------------------------------------
@@ -332,17 +325,38 @@ class KnownPeers:
         self._configured = frozenset(configured)
         self._proxy = proxy
         self._registered: dict[str, str] = {}  # peer address -> agent id
+        self._identities: dict[str, tuple[str, str]] = {}  # agent id -> (peer address, public key)
         self._lock = threading.Lock()
 
     @property
     def open_loopback(self) -> bool:
         return not self._configured and not self._proxy
 
-    def update(self, peers: Iterable[tuple[str, str]]) -> None:
-        """Replace the proxy's list: ``(agent_id, peer_address)`` pairs."""
-        fresh = {addr: aid for aid, addr in peers if addr}
+    def update(self, peers: Iterable[tuple[str, ...]]) -> None:
+        """Replace the proxy's list: ``(agent_id, peer_address[, identity_key])`` per agent."""
+        fresh: dict[str, str] = {}
+        keys: dict[str, tuple[str, str]] = {}
+        for p in peers:
+            aid, addr = p[0], p[1]
+            if addr:
+                fresh[addr] = aid
+                if len(p) > 2 and p[2] and aid:
+                    keys[aid] = (addr, p[2])
         with self._lock:
             self._registered = fresh
+            self._identities = keys
+
+    def identity_of(self, agent_id: str) -> tuple[str, str] | None:
+        """``(peer address, public key)`` the deployment registered for ``agent_id``, if any."""
+        with self._lock:
+            return self._identities.get(agent_id)
+
+    def key_at(self, address: str) -> tuple[str, str] | None:
+        """``(agent id, public key)`` of the agent registered at ``address``, if any."""
+        with self._lock:
+            aid = self._registered.get(address)
+            ident = self._identities.get(aid) if aid is not None else None
+        return (aid, ident[1]) if aid is not None and ident is not None and ident[0] == address else None
 
     def knows(self, address: str) -> bool:
         if address in self._configured:

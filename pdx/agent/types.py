@@ -1,17 +1,24 @@
-"""Results of control requests, as the client hands them to its caller.
+"""Results of control requests: the typed replies of the agent's ops (``pdx.agent.protocol``).
 
-The server builds the plain msgpack-friendly forms (``to_wire``); the client
-turns them back into these frozen dataclasses (``from_wire``, which raises only
-``WireError``). Immutable; safe to share between threads.
+msgspec Structs, shared by both ends: the server returns them from its handlers and the loop
+encodes them; the client decodes each reply strictly into the op's type (``REPLY_TYPES`` in
+``pdx.agent.protocol``), so a malformed reply is a ``WireError``, never a half-read list. Rows
+that come by the thousand (pins, reservations, chunk results, commit outcomes) travel as arrays
+(``array_like``), the rest as maps. Immutable; safe to share between threads.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Annotated, Any
 
-from pdx.errors import WireError
+import msgspec
+
+from pdx.errors import ErrorCode
+
+_U64 = Annotated[int, msgspec.Meta(ge=0)]
+_KEY = Annotated[bytes, msgspec.Meta(min_length=16, max_length=16)]
+_STR = Annotated[str, msgspec.Meta(max_length=4096)]
 
 
 class ChunkStatus(str, Enum):
@@ -42,46 +49,31 @@ class JobKind(str, Enum):
     SEND = "send"  # push local keys into a peer's pool
 
 
-@dataclass(frozen=True)
-class ChunkResult:
+class ChunkResult(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
     """One chunk of a job. For a fetch with ``pin=True``, a usable chunk is pinned
     for the request (``lease_id``) at ``offset`` in the local pool."""
 
-    key: bytes
+    key: _KEY
     status: ChunkStatus
-    offset: int = 0
-    nbytes: int = 0
-    checksum: int = 0
-    num_tokens: int = 0
-    lease_id: int = 0
-    reason: str = ""
-
-    def to_wire(self) -> list[Any]:
-        return [self.key, self.status.value, self.offset, self.nbytes, self.checksum,
-                self.num_tokens, self.lease_id, self.reason]
-
-    @classmethod
-    def from_wire(cls, raw: Any) -> ChunkResult:
-        try:
-            key, status, offset, nbytes, csum, ntok, lease, reason = raw
-            return cls(bytes(key), ChunkStatus(status), int(offset), int(nbytes), int(csum), int(ntok),
-                       int(lease), str(reason))
-        except (TypeError, ValueError) as exc:
-            raise WireError(f"bad chunk result {raw!r}: {exc}") from None
+    offset: _U64 = 0
+    nbytes: _U64 = 0
+    checksum: _U64 = 0
+    num_tokens: _U64 = 0
+    lease_id: _U64 = 0
+    reason: _STR = ""
 
 
-@dataclass(frozen=True)
-class JobInfo:
-    """A snapshot of one data-moving job."""
+class JobInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A snapshot of one data-moving job (the reply of ``job_status`` and ``wait``)."""
 
-    job_id: int
+    job_id: _U64
     kind: JobKind
     state: JobState
-    request_id: str
-    peer: str
+    request_id: _STR
+    peer: _STR
     chunks: tuple[ChunkResult, ...] = ()
-    error: str = ""  # job-level problem (peer unreachable...), also reflected per chunk
-    nbytes: int = 0  # bytes moved
+    error: _STR = ""  # job-level problem (peer unreachable...), also reflected per chunk
+    nbytes: _U64 = 0  # bytes moved
     elapsed_s: float = 0.0
 
     @property
@@ -103,99 +95,117 @@ class JobInfo:
             n += 1
         return n
 
-    def to_wire(self) -> dict[str, Any]:
-        return {"job_id": self.job_id, "kind": self.kind.value, "state": self.state.value,
-                "request_id": self.request_id, "peer": self.peer,
-                "chunks": [c.to_wire() for c in self.chunks], "error": self.error,
-                "nbytes": self.nbytes, "elapsed_s": self.elapsed_s}
 
-    @classmethod
-    def from_wire(cls, raw: Any) -> JobInfo:
-        try:
-            return cls(int(raw["job_id"]), JobKind(raw["kind"]), JobState(raw["state"]),
-                       str(raw["request_id"]), str(raw["peer"]),
-                       tuple(ChunkResult.from_wire(c) for c in raw["chunks"]), str(raw["error"]),
-                       int(raw["nbytes"]), float(raw["elapsed_s"]))
-        except (TypeError, ValueError, KeyError) as exc:
-            raise WireError(f"bad job info: {exc}") from None
-
-
-@dataclass(frozen=True)
-class RegisterInfo:
+class RegisterInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """What ``register_engine`` returns: how to map the pool and what a chunk is."""
 
-    agent_id: str
-    instance: str
-    shm_name: str
-    pool_nbytes: int
-    slab_size: int
-    slab_count: int
-    chunk_tokens: int
-    chunk_bytes: int
-    chunk_fingerprint: str
-    fingerprint: str
-    namespace: str
-    peer_address: str  # where other agents reach this one (goes into kv_transfer_params); "" = off
+    agent_id: _STR
+    instance: _STR
+    shm_name: _STR
+    pool_nbytes: _U64
+    slab_size: _U64
+    slab_count: _U64
+    chunk_tokens: _U64
+    chunk_bytes: _U64
+    chunk_fingerprint: _STR
+    fingerprint: _STR
+    namespace: _STR
+    peer_address: _STR  # where other agents reach this one (goes into kv_transfer_params); "" = off
     created: bool  # False: the pool existed (an engine restart); chunks from before are there
 
-    @classmethod
-    def from_wire(cls, raw: Any) -> RegisterInfo:
-        try:
-            return cls(**{f: raw[f] for f in cls.__dataclass_fields__})
-        except (TypeError, KeyError) as exc:
-            raise WireError(f"bad register reply: {exc}") from None
 
-
-@dataclass(frozen=True)
-class LookupInfo:
+class LookupInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Which keys the agent holds: ``tiers[i]`` is the fastest tier of ``keys[i]`` or None."""
 
-    prefix_chunks: int
-    chunk_tokens: int
-    tiers: tuple[str | None, ...]
+    prefix_chunks: _U64
+    chunk_tokens: _U64
+    tiers: tuple[_STR | None, ...]
 
     @property
     def prefix_tokens(self) -> int:
         return self.prefix_chunks * self.chunk_tokens
 
 
-@dataclass(frozen=True)
-class ReservationInfo:
+class ReserveRow(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """One key of a ``reserve``/``peer_reserve`` reply: a slab (``id`` > 0) or why not (``code``)."""
+
+    id: _U64
+    offset: _U64 = 0
+    nbytes: _U64 = 0
+    code: ErrorCode = ErrorCode.OK
+    error: _STR = ""
+
+
+class ReservationInfo(msgspec.Struct, frozen=True):
     """A slab reserved for one chunk: write ``nbytes`` at ``offset``, then commit ``id``.
-    ``id`` is 0 and ``error`` says why when this key could not be reserved."""
+    ``id`` is 0 and ``error`` (``code``) says why when this key could not be reserved."""
 
     id: int
     key: bytes
     offset: int
     nbytes: int
     error: str = ""
+    code: ErrorCode = ErrorCode.OK
 
 
-@dataclass(frozen=True)
-class PinInfo:
+class Outcome(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """The outcome of one item of a batch (a commit): ``code`` OK, or the error code and message
+    (``INTEGRITY``: the bytes failed their checksum; ``RESERVATION``: expired or unknown)."""
+
+    code: ErrorCode = ErrorCode.OK
+    msg: _STR = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.code is ErrorCode.OK
+
+
+class PinInfo(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
     """A pinned chunk: read ``nbytes`` at ``offset`` until ``unpin``/``release`` or the lease ends.
     ``lease_id`` is 0 when the key is not in the pool."""
 
-    lease_id: int
-    key: bytes
-    offset: int = 0
-    nbytes: int = 0
-    checksum: int = 0
-    num_tokens: int = 0
+    lease_id: _U64
+    key: _KEY
+    offset: _U64 = 0
+    nbytes: _U64 = 0
+    checksum: _U64 = 0
+    num_tokens: _U64 = 0
     expires_in_s: float = 0.0
 
     @property
     def found(self) -> bool:
         return self.lease_id != 0
 
-    def to_wire(self) -> list[Any]:
-        return [self.lease_id, self.key, self.offset, self.nbytes, self.checksum, self.num_tokens,
-                self.expires_in_s]
 
-    @classmethod
-    def from_wire(cls, raw: Any) -> PinInfo:
-        try:
-            lid, key, off, nb, cs, nt, exp = raw
-            return cls(int(lid), bytes(key), int(off), int(nb), int(cs), int(nt), float(exp))
-        except (TypeError, ValueError) as exc:
-            raise WireError(f"bad pin {raw!r}: {exc}") from None
+class PingInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The reply of ``ping``."""
+
+    agent_id: _STR
+    instance: _STR
+    role: _STR
+    wire_version: int
+    version: _STR
+    pid: _U64
+    uptime_s: float
+    registered: bool
+    peer_address: _STR
+
+    def to_dict(self) -> dict[str, Any]:
+        return msgspec.structs.asdict(self)
+
+
+class HelloReply(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The reply of ``peer_hello``: a challenge (``challenge`` and the answerer's ``proof``) or,
+    once the caller proved it holds the secret (or when there is none), a session."""
+
+    challenge: Annotated[bytes, msgspec.Meta(max_length=64)] = b""
+    proof: Annotated[bytes, msgspec.Meta(max_length=64)] = b""
+    agent_id: _STR = ""
+    instance: _STR = ""
+    chunk_fingerprint: _STR = ""
+    fingerprint: _STR = ""
+    transport: _STR = ""
+    transport_address: _STR = ""
+    token: Annotated[bytes, msgspec.Meta(max_length=64)] = b""
+    secret: bool = False
+    signature: Annotated[bytes, msgspec.Meta(max_length=128)] = b""

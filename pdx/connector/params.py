@@ -21,14 +21,19 @@ puts its own fields under the ``"pdx"`` key:
 
 Everything here is pure data (no vLLM, no sockets): ``parse_request_params``
 turns the raw dict into a typed ``RequestParams`` or raises
-``TransferParamsError`` naming the offending field.
+``TransferParamsError`` naming the offending field. The ``"pdx"`` block's schema is
+the msgspec Struct ``RemotePrefillWire`` (field names, types and bounds), shared by
+the prefill side that writes it and the decode side that decodes it strictly.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
 
 from pdx.errors import TransferParamsError
 from pdx.keys import KEY_BYTES, ChunkKey
@@ -44,11 +49,33 @@ PDX_KEY = "pdx"
 MAX_KEYS = 65536
 MAX_STR = 1024
 
-_REMOTE_FIELDS = {"v", "agent", "fingerprint", "chunk_tokens", "num_tokens", "keys", "namespace",
-                  "request_id", "lease_s"}
-_REQUIRED = {"v", "agent", "fingerprint", "chunk_tokens", "num_tokens"}
-_HINT_BLOCK_FIELDS = {"v", "hint"}
-_HINT_FIELDS = {"agent", "chunks", "agent_id"}
+#: the agent's own bound on a lease or deadline (``pdx.agent.protocol.MAX_SECONDS``)
+MAX_SECONDS = 86400.0
+
+_Str = Annotated[str, Meta(max_length=MAX_STR)]
+
+
+class RemotePrefillWire(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The ``"pdx"`` block as it travels (JSON inside vLLM's ``kv_transfer_params``)."""
+
+    v: int
+    agent: Annotated[str, Meta(min_length=1, max_length=MAX_STR)]  # the prefill agent's peer address
+    fingerprint: _Str
+    chunk_tokens: Annotated[int, Meta(ge=1, le=1 << 20)]
+    num_tokens: Annotated[int, Meta(ge=0, le=1 << 40)]
+    keys: Annotated[list[Annotated[str, Meta(pattern=f"^[0-9a-fA-F]{{{2 * KEY_BYTES}}}$")]],
+                    Meta(max_length=MAX_KEYS)] = []
+    namespace: _Str = ""
+    request_id: _Str = ""
+    lease_s: Annotated[float, Meta(ge=0.0, le=MAX_SECONDS)] = 0.0
+
+
+class PeerHintWire(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A peer hint as it travels (``{"pdx": {"v": ..., "hint": <this>}}``)."""
+
+    agent: Annotated[str, Meta(min_length=1, max_length=MAX_STR)]  # the holder's peer address
+    chunks: Annotated[int, Meta(ge=1, le=MAX_KEYS)]
+    agent_id: _Str = ""
 
 
 @dataclass(frozen=True)
@@ -74,60 +101,34 @@ class RemotePrefill:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form (keys as hex strings) for the HTTP response."""
-        return {
-            "v": self.version,
-            "agent": self.agent,
-            "fingerprint": self.fingerprint,
-            "chunk_tokens": self.chunk_tokens,
-            "num_tokens": self.num_tokens,
-            "keys": [k.hex() for k in self.keys],
-            "namespace": self.namespace,
-            "request_id": self.request_id,
-            "lease_s": self.lease_s,
-        }
+        wire = RemotePrefillWire(v=self.version, agent=self.agent, fingerprint=self.fingerprint,
+                                 chunk_tokens=self.chunk_tokens, num_tokens=self.num_tokens,
+                                 keys=[k.hex() for k in self.keys], namespace=self.namespace,
+                                 request_id=self.request_id, lease_s=self.lease_s)
+        out: dict[str, Any] = msgspec.to_builtins(wire)
+        return out
 
     @classmethod
     def from_dict(cls, raw: object) -> RemotePrefill:
-        """Validate the ``"pdx"`` block; ``TransferParamsError`` names the bad field."""
+        """Validate the ``"pdx"`` block against ``RemotePrefillWire``; ``TransferParamsError`` names
+        the bad field."""
         if not isinstance(raw, Mapping):
             raise TransferParamsError(f"kv_transfer_params.pdx: expected an object, got {_kind(raw)}")
         if "v" in raw and raw["v"] != PARAMS_VERSION:  # another version may have other fields
             raise TransferParamsError(
                 f"kv_transfer_params.pdx.v: this engine speaks version {PARAMS_VERSION}, got {raw['v']!r}")
-        unknown = sorted(set(raw) - _REMOTE_FIELDS)
-        if unknown:
+        try:
+            w = msgspec.convert(dict(raw), RemotePrefillWire, strict=True)
+        except msgspec.ValidationError as exc:
+            raise TransferParamsError(f"kv_transfer_params.pdx: {exc}") from None
+        chunks = -(-w.num_tokens // w.chunk_tokens)
+        if w.keys and len(w.keys) != chunks:
             raise TransferParamsError(
-                f"kv_transfer_params.pdx: unknown field {unknown[0]!r}; "
-                f"allowed: {', '.join(sorted(_REMOTE_FIELDS))}")
-        missing = sorted(_REQUIRED - set(raw))
-        if missing:
-            raise TransferParamsError(f"kv_transfer_params.pdx: missing field {missing[0]!r}")
-        version = _int(raw, "v")
-        if version != PARAMS_VERSION:
-            raise TransferParamsError(
-                f"kv_transfer_params.pdx.v: this engine speaks version {PARAMS_VERSION}, got {version}")
-        agent = _str(raw, "agent")
-        if not agent:
-            raise TransferParamsError("kv_transfer_params.pdx.agent: empty address")
-        fingerprint = _str(raw, "fingerprint")
-        chunk_tokens = _int(raw, "chunk_tokens")
-        if chunk_tokens <= 0:
-            raise TransferParamsError(f"kv_transfer_params.pdx.chunk_tokens: must be positive, got {chunk_tokens}")
-        num_tokens = _int(raw, "num_tokens")
-        if num_tokens < 0:
-            raise TransferParamsError(f"kv_transfer_params.pdx.num_tokens: must not be negative, got {num_tokens}")
-        keys = _keys(raw.get("keys", []))
-        chunks = -(-num_tokens // chunk_tokens)
-        if keys and len(keys) != chunks:
-            raise TransferParamsError(
-                f"kv_transfer_params.pdx.keys: {len(keys)} keys for {chunks} chunks")
-        lease = raw.get("lease_s", 0.0)
-        if isinstance(lease, bool) or not isinstance(lease, (int, float)) or lease < 0:
-            raise TransferParamsError(f"kv_transfer_params.pdx.lease_s: expected a number >= 0, got {lease!r}")
+                f"kv_transfer_params.pdx.keys: {len(w.keys)} keys for {chunks} chunks")
         return cls(
-            agent=agent, fingerprint=fingerprint, chunk_tokens=chunk_tokens, num_tokens=num_tokens,
-            keys=keys, namespace=_str(raw, "namespace", ""), request_id=_str(raw, "request_id", ""),
-            lease_s=float(lease), version=version,
+            agent=w.agent, fingerprint=w.fingerprint, chunk_tokens=w.chunk_tokens, num_tokens=w.num_tokens,
+            keys=tuple(ChunkKey(bytes.fromhex(k)) for k in w.keys), namespace=w.namespace,
+            request_id=w.request_id, lease_s=float(w.lease_s), version=w.v,
         )
 
 
@@ -147,20 +148,14 @@ class PeerHint:
 
     @classmethod
     def from_dict(cls, raw: object) -> PeerHint:
+        """Validate a ``hint`` object against ``PeerHintWire``."""
         if not isinstance(raw, Mapping):
             raise TransferParamsError(f"kv_transfer_params.pdx.hint: expected an object, got {_kind(raw)}")
-        unknown = sorted(set(raw) - _HINT_FIELDS)
-        if unknown:
-            raise TransferParamsError(f"kv_transfer_params.pdx.hint: unknown field {unknown[0]!r}; "
-                                      f"allowed: {', '.join(sorted(_HINT_FIELDS))}")
-        agent = _str(raw, "agent", "")
-        if not agent:
-            raise TransferParamsError("kv_transfer_params.pdx.hint.agent: missing or empty")
-        chunks = _int(raw, "chunks")
-        if not 0 < chunks <= MAX_KEYS:
-            raise TransferParamsError(
-                f"kv_transfer_params.pdx.hint.chunks: expected 1..{MAX_KEYS}, got {chunks}")
-        return cls(agent=agent, chunks=chunks, agent_id=_str(raw, "agent_id", ""))
+        try:
+            w = msgspec.convert(dict(raw), PeerHintWire, strict=True)
+        except msgspec.ValidationError as exc:
+            raise TransferParamsError(f"kv_transfer_params.pdx.hint: {exc}") from None
+        return cls(agent=w.agent, chunks=w.chunks, agent_id=w.agent_id)
 
 
 def hint_params(hint: PeerHint, remote_decode: bool = False) -> dict[str, Any]:
@@ -221,10 +216,10 @@ def _hint_block(block: Mapping[str, Any]) -> PeerHint:
     if block.get("v", PARAMS_VERSION) != PARAMS_VERSION:
         raise TransferParamsError(
             f"kv_transfer_params.pdx.v: this engine speaks version {PARAMS_VERSION}, got {block.get('v')!r}")
-    unknown = sorted(set(block) - _HINT_BLOCK_FIELDS)
+    unknown = sorted(set(block) - {"v", "hint"})
     if unknown:
         raise TransferParamsError(f"kv_transfer_params.pdx: unknown field {unknown[0]!r} beside a hint; "
-                                  f"allowed: {', '.join(sorted(_HINT_BLOCK_FIELDS))}")
+                                  "allowed: hint, v")
     return PeerHint.from_dict(block["hint"])
 
 
@@ -247,40 +242,3 @@ def _flag(raw: Mapping[str, Any], name: str) -> bool:
     if not isinstance(v, bool):
         raise TransferParamsError(f"kv_transfer_params.{name}: expected true or false, got {v!r}")
     return v
-
-
-def _int(raw: Mapping[str, Any], name: str) -> int:
-    v = raw.get(name)
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TransferParamsError(f"kv_transfer_params.pdx.{name}: expected an integer, got {v!r}")
-    return v
-
-
-def _str(raw: Mapping[str, Any], name: str, default: str | None = None) -> str:
-    v = raw.get(name, default)
-    if not isinstance(v, str):
-        raise TransferParamsError(f"kv_transfer_params.pdx.{name}: expected a string, got {_kind(v)}")
-    if len(v) > MAX_STR:
-        raise TransferParamsError(f"kv_transfer_params.pdx.{name}: longer than {MAX_STR} characters")
-    return v
-
-
-def _keys(v: object) -> tuple[ChunkKey, ...]:
-    if not isinstance(v, list):
-        raise TransferParamsError(f"kv_transfer_params.pdx.keys: expected a list of hex strings, got {_kind(v)}")
-    if len(v) > MAX_KEYS:
-        raise TransferParamsError(f"kv_transfer_params.pdx.keys: more than {MAX_KEYS} keys")
-    out = []
-    for i, item in enumerate(v):
-        try:
-            if not isinstance(item, str):
-                raise ValueError
-            key = bytes.fromhex(item)
-            if len(key) != KEY_BYTES:
-                raise ValueError
-        except ValueError:
-            raise TransferParamsError(
-                f"kv_transfer_params.pdx.keys[{i}]: expected {2 * KEY_BYTES} hex digits, got {item!r}"
-            ) from None
-        out.append(ChunkKey(key))
-    return tuple(out)

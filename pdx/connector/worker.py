@@ -48,9 +48,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from pdx.agent.types import Outcome
 from pdx.checksum import checksum
 from pdx.connector.metadata import LoadSpec, StepPlan, StoreSpec, blocks_of, token_spans
-from pdx.errors import PdxError
+from pdx.errors import ErrorCode, PdxError
 from pdx.layout import KVLayout
 
 log = logging.getLogger(__name__)
@@ -68,12 +69,14 @@ class WorkerAgent(Protocol):
                 timeout: float | None = None) -> list[Any]: ...
 
     def commit(self, ids: Sequence[int], num_tokens: int | Sequence[int], checksums: Sequence[int] = (),
-               timeout: float | None = None) -> list[str]: ...
+               timeout: float | None = None) -> list[Outcome]: ...
 
     def abort(self, ids: Sequence[int], timeout: float | None = None) -> int: ...
 
     def pin(self, keys: Sequence[bytes], owner: str, lease_s: float | None = None,
             timeout: float | None = None) -> list[Any]: ...
+
+    def unpin(self, lease_ids: Sequence[int], timeout: float | None = None) -> int: ...
 
     def release(self, owner: str, timeout: float | None = None) -> int: ...
 
@@ -148,6 +151,8 @@ class WorkerStats:
     load_seconds: float = 0.0
     failed_chunks: int = 0
     corrupt_chunks: int = 0
+    #: loads whose pins did not all hold until their chunks were unpacked (recomputed)
+    revoked_loads: int = 0
     stored_chunks: int = 0
     stored_bytes: int = 0
     store_skipped: int = 0
@@ -292,6 +297,7 @@ class PdxWorkerSide:
             pins = self._fill_from_store(spec, keys, list(pins), owner)
         try:
             batch: list[tuple[list[tuple[int, int, int]], np.ndarray]] = []
+            leases: list[int] = []
             bad_from: int | None = None if len(pins) >= len(spec.chunks) else len(pins)
             for i, (chunk, pin) in enumerate(zip(spec.chunks, pins)):
                 item = self._checked_chunk(spec, chunk, pin) if pin.found else None
@@ -299,8 +305,11 @@ class PdxWorkerSide:
                     bad_from = i
                     break
                 batch.append(item)
+                leases.append(pin.lease_id)
             if batch:
                 self._codec.unpack_batch(batch)
+                if not self._pins_held(spec, leases):
+                    return 0
             return bad_from
         finally:
             try:
@@ -412,6 +421,27 @@ class PdxWorkerSide:
         self._codec.unpack_batch(batch)
         return recomputed
 
+    def _pins_held(self, spec: LoadSpec, leases: list[int]) -> bool:
+        """True when every pin of the unpacked chunks was still held after the unpack.
+
+        A pinned slab is never reused, so the bytes unpacked are the bytes verified unless a
+        pin ended while the engine read them (its lease ran out): ``unpin`` answers how many
+        of the leases were still live. If one was not, the load is refused (vLLM recomputes
+        its blocks), counted in ``revoked_loads``.
+        """
+        try:
+            held = self._agent.unpin(leases)
+        except PdxError as exc:
+            log.warning("request %s: cannot confirm the pins of its chunks (%s); recomputing", spec.req_id, exc)
+            held = -1
+        if held == len(leases):
+            return True
+        if held >= 0:
+            log.warning("request %s: %d of %d pins ended while their chunks were unpacked (lease %.0fs); "
+                        "recomputing", spec.req_id, len(leases) - held, len(leases), self.settings.lease_s)
+        self.stats.revoked_loads += 1
+        return False
+
     def _pins_remote(self, spec: LoadSpec, keys: Sequence[bytes], owner: str, deadline: float) -> list[Any]:
         """Fetch the chunks from the prefill agent into the local pool, pinned for ``owner``."""
         left = max(0.1, deadline - time.monotonic())
@@ -436,7 +466,7 @@ class PdxWorkerSide:
                 log.info("request %s: chunk %s from %s: %s %s", spec.req_id, c.key.hex()[:12], spec.peer,
                          c.status.value, c.reason)
             out.append(_Pinned(found=c.status.usable and c.lease_id != 0, offset=c.offset, nbytes=c.nbytes,
-                               checksum=c.checksum, num_tokens=c.num_tokens))
+                               checksum=c.checksum, num_tokens=c.num_tokens, lease_id=c.lease_id))
         return out
 
     def _checked_chunk(self, spec: LoadSpec, chunk: Any,
@@ -517,7 +547,7 @@ class PdxWorkerSide:
             for chunk, n, res in zip(spec.chunks, tokens, reservations):
                 if not res.id:
                     self.stats.store_skipped += 1
-                    if res.error and not res.error.startswith("exists") and "already" not in res.error:
+                    if res.code not in (ErrorCode.OK, ErrorCode.EXISTS, ErrorCode.RESERVATION):
                         log.debug("request %s: chunk %d not stored: %s", spec.req_id, chunk.index, res.error)
                     continue
                 out = self._pool.array(res.offset, self._bytes_of(n))
@@ -533,13 +563,14 @@ class PdxWorkerSide:
             raise
         if not ids:
             return
-        errors = self._agent.commit(ids, num_tokens=kept, checksums=sums)
-        failed = [e for e in errors if e]
+        outcomes = self._agent.commit(ids, num_tokens=kept, checksums=sums)
+        failed = [o for o in outcomes if not o.ok]
         self.stats.stored_chunks += len(ids) - len(failed)
-        self.stats.stored_bytes += sum(self._bytes_of(n) for n, e in zip(kept, errors) if not e)
+        self.stats.stored_bytes += sum(self._bytes_of(n) for n, o in zip(kept, outcomes) if o.ok)
         if failed:
             self.stats.store_errors += len(failed)
-            log.warning("request %s: %d chunks not committed: %s", spec.req_id, len(failed), failed[0])
+            log.warning("request %s: %d chunks not committed: %s: %s", spec.req_id, len(failed),
+                        failed[0].code.name, failed[0].msg)
 
     def _bytes_of(self, num_tokens: int) -> int:
         """Payload bytes of a chunk of ``num_tokens`` tokens (a full chunk is ``chunk_bytes``)."""
@@ -566,6 +597,7 @@ class _Pinned:
     nbytes: int
     checksum: int
     num_tokens: int
+    lease_id: int = 0
 
 
 def slice_payload(layout: KVLayout, payload: np.ndarray, num_tokens: int, start: int, end: int) -> np.ndarray:

@@ -11,30 +11,41 @@ Body encodings accepted by the proxy: JSON (``application/json``) or msgpack
 (``application/msgpack``) of ``to_dict()``; both carry only str/int/float/bool/
 list/dict/None. Never pickle.
 
+The schema is the msgspec Structs below, shared by the agent (which builds and sends
+them) and the proxy (which decodes them strictly): bounds (string lengths, counts,
+non-negative integers, a positive heartbeat, finite times) live in the field types.
 Compatibility: ``wire_version`` must equal ``WIRE_VERSION``; fields are added only
 with a version bump, and an unknown field is an error (so a typo is not silently
 ignored). ``from_dict`` raises ``WireError`` naming the field.
 
-Frozen dataclasses: immutable, safe to share between threads.
+Frozen Structs: immutable, safe to share between threads.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
 
 from pdx.errors import WireError
 from pdx.scheduler.summary import KeySummary
 
-WIRE_VERSION = 1
+#: 2: ``identity_key``
+WIRE_VERSION = 2
 
 #: longest accepted string field (URLs, ids, fingerprints).
 MAX_STR = 2048
 #: most model names in one announcement.
 MAX_MODELS = 64
+
+_Str = Annotated[str, Meta(max_length=MAX_STR)]
+_Name = Annotated[str, Meta(min_length=1, max_length=MAX_STR)]
+_Count = Annotated[int, Meta(ge=0)]
+#: seconds since the epoch or a period: finite (NaN and infinities are refused)
+_Time = Annotated[float, Meta(ge=-1e15, le=1e15)]
 
 
 class WorkerRole(str, Enum):
@@ -53,18 +64,16 @@ class WorkerRole(str, Enum):
         return self is not WorkerRole.PREFILL
 
 
-@dataclass(frozen=True)
-class AgentLoad:
+class AgentLoad(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The engine's load as its agent sees it (all requests, not only this proxy's)."""
 
-    requests: int = 0  # requests running or waiting in the engine
-    tokens: int = 0  # their prompt + max new tokens, as far as the agent knows
-    pool_used_bytes: int = 0
-    pool_capacity_bytes: int = 0
+    requests: _Count = 0  # requests running or waiting in the engine
+    tokens: _Count = 0  # their prompt + max new tokens, as far as the agent knows
+    pool_used_bytes: _Count = 0
+    pool_capacity_bytes: _Count = 0
 
 
-@dataclass(frozen=True)
-class AgentAnnouncement:
+class AgentAnnouncement(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One registration / heartbeat from an agent.
 
     ``engine_url`` (the engine's OpenAI HTTP server) identifies the worker: a
@@ -75,153 +84,49 @@ class AgentAnnouncement:
     liveness is judged by the proxy's own clock at receipt.
     """
 
-    agent_id: str
+    agent_id: _Name
     role: WorkerRole
-    engine_url: str
-    agent_url: str = ""  # the agent's HTTP endpoint (/healthz, /readyz, /metrics)
-    control_address: str = ""  # the agent's ZMQ control plane (tcp:// or ipc://)
-    transport_address: str = ""  # host:port of its peer transport handshake
-    models: tuple[str, ...] = ()
-    load: AgentLoad = field(default_factory=AgentLoad)
-    chunk_fingerprint: str = ""
-    chunk_tokens: int = 0
-    namespace: str = ""
+    engine_url: Annotated[str, Meta(pattern="^https?://", max_length=MAX_STR)]
+    agent_url: _Str = ""  # the agent's HTTP endpoint (/healthz, /readyz, /metrics)
+    control_address: _Str = ""  # the agent's ZMQ control plane (tcp:// or ipc://)
+    transport_address: _Str = ""  # its peer socket (other agents dial it)
+    models: Annotated[tuple[_Name, ...], Meta(max_length=MAX_MODELS)] = ()
+    load: AgentLoad = msgspec.field(default_factory=AgentLoad)
+    chunk_fingerprint: _Str = ""
+    chunk_tokens: _Count = 0
+    namespace: _Str = ""
     keys: KeySummary | None = None  # chunks held (all tiers the agent can serve quickly)
     #: ids of the shared tiers the agent writes every chunk to (``pdx.config.shared_tier_ids``):
     #: a chunk any worker with that tier computed is one this worker can load
-    shared_tiers: tuple[str, ...] = ()
-    heartbeat_s: float = 1.0  # the sender's announcement period
-    seq: int = 0  # increases with every announcement of one agent process
-    timestamp: float = 0.0
+    shared_tiers: Annotated[tuple[_Name, ...], Meta(max_length=MAX_MODELS)] = ()
+    #: the agent's Ed25519 public key (base64): peers check its ``peer_hello`` signatures against it
+    identity_key: Annotated[str, Meta(max_length=64)] = ""
+    heartbeat_s: Annotated[float, Meta(gt=0.0, le=1e9)] = 1.0  # the sender's announcement period
+    seq: _Count = 0  # increases with every announcement of one agent process
+    timestamp: _Time = 0.0
     leaving: bool = False
     wire_version: int = WIRE_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "wire_version": self.wire_version,
-            "agent_id": self.agent_id,
-            "role": self.role.value,
-            "engine_url": self.engine_url,
-            "agent_url": self.agent_url,
-            "control_address": self.control_address,
-            "transport_address": self.transport_address,
-            "models": list(self.models),
-            "load": {"requests": self.load.requests, "tokens": self.load.tokens,
-                     "pool_used_bytes": self.load.pool_used_bytes,
-                     "pool_capacity_bytes": self.load.pool_capacity_bytes},
-            "chunk_fingerprint": self.chunk_fingerprint,
-            "chunk_tokens": self.chunk_tokens,
-            "namespace": self.namespace,
-            "keys": self.keys.to_dict() if self.keys is not None else None,
-            "shared_tiers": list(self.shared_tiers),
-            "heartbeat_s": self.heartbeat_s,
-            "seq": self.seq,
-            "timestamp": self.timestamp,
-            "leaving": self.leaving,
-        }
+        """JSON- and msgpack-safe (the summary's bits as base64 text)."""
+        out: dict[str, Any] = msgspec.to_builtins(self)
+        return out
 
     @classmethod
     def from_dict(cls, raw: Any) -> AgentAnnouncement:
-        """Validate and build; raises ``WireError`` naming the first bad field."""
+        """Validate and build (strictly: ``msgspec.convert``); raises ``WireError`` naming the
+        first bad field."""
         if not isinstance(raw, Mapping):
             raise WireError(f"announcement: expected a mapping, got {type(raw).__name__}")
         version = raw.get("wire_version")
         if version != WIRE_VERSION:
             raise WireError(f"announcement: wire_version {version!r}, this proxy speaks {WIRE_VERSION}")
-        unknown = sorted(str(k) for k in set(raw) - _FIELDS)
-        if unknown:
-            raise WireError(f"announcement: unknown field {unknown[0]!r}")
-        role_raw = _req(raw, "role", str)
-        try:
-            role = WorkerRole(role_raw)
-        except ValueError:
-            raise WireError(f"role: expected one of prefill, decode, both, got {role_raw!r}") from None
-        engine_url = _req(raw, "engine_url", str)
-        if not engine_url.startswith(("http://", "https://")):
-            raise WireError(f"engine_url: expected an http:// URL, got {engine_url!r}")
-        models = raw.get("models", [])
-        if not isinstance(models, (list, tuple)) or len(models) > MAX_MODELS \
-                or not all(isinstance(m, str) and 0 < len(m) <= MAX_STR for m in models):
-            raise WireError(f"models: expected a list of at most {MAX_MODELS} names")
-        load_raw = raw.get("load")
-        if load_raw is None:
-            load_raw = {}
-        if not isinstance(load_raw, Mapping):
-            raise WireError("load: expected a mapping")
-        extra = sorted(str(k) for k in set(load_raw) - {"requests", "tokens", "pool_used_bytes",
-                                                         "pool_capacity_bytes"})
-        if extra:
-            raise WireError(f"load: unknown field {extra[0]!r}")
-        load = AgentLoad(**{k: _count(load_raw, k, f"load.{k}") for k in load_raw})
-        shared = raw.get("shared_tiers", [])
-        if not isinstance(shared, (list, tuple)) or len(shared) > MAX_MODELS \
-                or not all(isinstance(t, str) and 0 < len(t) <= MAX_STR for t in shared):
-            raise WireError(f"shared_tiers: expected a list of at most {MAX_MODELS} ids")
-        keys_raw = raw.get("keys")
+        fields = dict(raw)
+        keys_raw = fields.pop("keys", None)
+        # the summary has its own checks (size of the filter, number of hashes)
         keys = KeySummary.from_dict(keys_raw) if keys_raw is not None else None
-        heartbeat_s = _num(raw, "heartbeat_s", 1.0)
-        if not heartbeat_s > 0:
-            raise WireError(f"heartbeat_s: must be positive, got {heartbeat_s}")
-        return cls(
-            agent_id=_req(raw, "agent_id", str),
-            role=role,
-            engine_url=engine_url,
-            agent_url=_opt_str(raw, "agent_url"),
-            control_address=_opt_str(raw, "control_address"),
-            transport_address=_opt_str(raw, "transport_address"),
-            models=tuple(models),
-            load=load,
-            chunk_fingerprint=_opt_str(raw, "chunk_fingerprint"),
-            chunk_tokens=_count(raw, "chunk_tokens", "chunk_tokens"),
-            namespace=_opt_str(raw, "namespace"),
-            keys=keys,
-            shared_tiers=tuple(shared),
-            heartbeat_s=heartbeat_s,
-            seq=_count(raw, "seq", "seq"),
-            timestamp=_num(raw, "timestamp", 0.0),
-            leaving=_bool(raw, "leaving"),
-        )
-
-
-def _req(raw: Mapping[str, Any], name: str, tp: type) -> Any:
-    value = raw.get(name)
-    if value is None or value == "":
-        raise WireError(f"{name}: missing")
-    if not isinstance(value, tp):
-        raise WireError(f"{name}: expected {tp.__name__}, got {type(value).__name__}")
-    if isinstance(value, str) and len(value) > MAX_STR:
-        raise WireError(f"{name}: longer than {MAX_STR} characters")
-    return value
-
-
-def _opt_str(raw: Mapping[str, Any], name: str) -> str:
-    value = raw.get(name, "")
-    if value is None:
-        return ""
-    if not isinstance(value, str) or len(value) > MAX_STR:
-        raise WireError(f"{name}: expected a string of at most {MAX_STR} characters")
-    return value
-
-
-def _count(raw: Mapping[str, Any], name: str, where: str) -> int:
-    value = raw.get(name, 0)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise WireError(f"{where}: expected a non-negative integer, got {value!r}")
-    return value
-
-
-def _num(raw: Mapping[str, Any], name: str, default: float) -> float:
-    value = raw.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise WireError(f"{name}: expected a finite number, got {value!r}")
-    return float(value)
-
-
-def _bool(raw: Mapping[str, Any], name: str) -> bool:
-    value = raw.get(name, False)
-    if not isinstance(value, bool):
-        raise WireError(f"{name}: expected true or false, got {value!r}")
-    return value
-
-
-_FIELDS = frozenset(AgentAnnouncement(agent_id="x", role=WorkerRole.BOTH, engine_url="http://x").to_dict())
+        try:
+            msg = msgspec.convert(fields, cls, strict=True)
+        except msgspec.ValidationError as exc:
+            raise WireError(f"announcement: {exc}") from None
+        return msgspec.structs.replace(msg, keys=keys) if keys is not None else msg

@@ -344,13 +344,15 @@ class WorkerRegistry:
         return [w.describe(now) for w in self._workers.values()]
 
     def peers(self) -> list[dict[str, str]]:
-        """Agents registered now and not leaving (id and peer-socket address): the register reply
-        carries it so that agents fetch only from agents of this deployment."""
+        """Agents registered now and not leaving (id, peer-socket address, public key): the register
+        reply carries it so that agents fetch only from agents of this deployment, and know the key
+        each one proves its identity with."""
         out = []
         for w in self._workers.values():
             ann = w.announcement
             if ann is not None and not w.left and ann.transport_address:
-                out.append({"agent_id": ann.agent_id, "peer_address": ann.transport_address})
+                out.append({"agent_id": ann.agent_id, "peer_address": ann.transport_address,
+                            "identity_key": ann.identity_key})
         return out
 
     def models(self) -> list[str]:

@@ -40,6 +40,7 @@ work to your own thread; a request handler may return a ``Future``).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import logging
@@ -87,8 +88,71 @@ def _shutdown_quietly(sock: socket.socket) -> None:
         pass
 
 
-def _mac(secret: str, label: bytes, a: bytes, b: bytes) -> bytes:
+# --- the challenge and the identities: one handshake for the agents' peer socket and the transports ----
+#
+# Both places where two agents meet (the ZMQ ``peer_hello`` of ``pdx.agent.peers`` and the side
+# channel below) run this one challenge-response: each side sends a fresh nonce, the answering
+# side proves the secret with ``server_proof`` and the dialing side with ``client_proof``, both
+# checked with ``proof_ok``. ``peer_hello`` adds the agents' identities: each agent has an Ed25519
+# key pair (``Identity``), publishes the public key with its registration, and signs the
+# ``hello_transcript`` (both nonces, its agent id and address), so an agent that holds the secret
+# still cannot speak as another registered agent.
+
+
+def mac(secret: str, label: bytes, a: bytes, b: bytes) -> bytes:
+    """HMAC-SHA256 of ``label | a | b`` under the secret."""
     return hmac.new(secret.encode(), label + a + b, hashlib.sha256).digest()
+
+
+def server_proof(secret: str, client_nonce: bytes, server_nonce: bytes) -> bytes:
+    """What the answering side sends to prove it holds the secret."""
+    return mac(secret, b"S", client_nonce, server_nonce)
+
+
+def client_proof(secret: str, client_nonce: bytes, server_nonce: bytes) -> bytes:
+    """What the dialing side sends to prove it holds the secret."""
+    return mac(secret, b"C", server_nonce, client_nonce)
+
+
+def proof_ok(expected: bytes, got: object) -> bool:
+    """Constant-time check of a proof of any type received from the wire."""
+    return isinstance(got, bytes) and hmac.compare_digest(expected, got)
+
+
+def hello_transcript(side: bytes, client_nonce: bytes, server_nonce: bytes, agent_id: str, address: str) -> bytes:
+    """What an agent signs in ``peer_hello``: its side (``b"C"`` dialing, ``b"S"`` answering), both
+    nonces (fresh per hello: no replay), and the identity it claims (agent id and peer address)."""
+    parts = [b"pdx-peer-hello-v1", side, client_nonce, server_nonce, agent_id.encode(), address.encode()]
+    return b"".join(len(p).to_bytes(4, "big") + p for p in parts)
+
+
+class Identity:
+    """One agent's Ed25519 key pair, made at start (``public``: the raw public key, base64).
+    The private key never leaves the process. Thread-safe."""
+
+    def __init__(self) -> None:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+        self._key = Ed25519PrivateKey.generate()
+        raw = self._key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        self.public = base64.b64encode(raw).decode("ascii")
+
+    def sign(self, data: bytes) -> bytes:
+        return self._key.sign(data)
+
+
+def identity_ok(public: str, signature: bytes, data: bytes) -> bool:
+    """True when ``signature`` is ``data`` signed by the key ``public`` (base64 raw Ed25519)."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    try:
+        key = Ed25519PublicKey.from_public_bytes(base64.b64decode(public, validate=True))
+        key.verify(signature, data)
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+    return True
 
 
 
@@ -276,13 +340,12 @@ class SideChannel:
             raise AuthError(f"{where}: " + ("the peer requires a shared secret and none is configured here"
                                             if h.get("auth") else
                                             "a shared secret is configured here but the peer has none"))
-        if secret and not hmac.compare_digest(_mac(secret, b"S", nonce, their_nonce),
-                                              need(h, "mac", bytes)):
+        if secret and not proof_ok(server_proof(secret, nonce, their_nonce), need(h, "mac", bytes)):
             raise AuthError(f"{where}: the peer failed the shared-secret challenge")
         our_token = os.urandom(16)
         meta = self._meta_frame(our_token)
         if secret:
-            meta["mac"] = _mac(secret, b"C", their_nonce, nonce)
+            meta["mac"] = client_proof(secret, nonce, their_nonce)
         sock.settimeout(left())
         send_frame(sock, meta)
         sock.settimeout(left())
@@ -382,7 +445,7 @@ class SideChannel:
         secret = self.config.secret
         hello = self._hello(nonce)
         if secret:
-            hello["mac"] = _mac(secret, b"S", their_nonce, nonce)
+            hello["mac"] = server_proof(secret, their_nonce, nonce)
         send_frame(conn, hello)  # sent even on a mismatch, so the peer can show our values
         where = f"peer {h.get('id')!s} ({where})"
         self._check_compatible(h, where)
@@ -395,11 +458,9 @@ class SideChannel:
             raise error_from_frame(m, where)
         if m["t"] != "meta":
             raise WireError(f"expected meta, got {m['t']!r}")
-        if secret:
-            mac = m.get("mac")
-            if not isinstance(mac, bytes) or not hmac.compare_digest(mac, _mac(secret, b"C", nonce, their_nonce)):
-                send_frame(conn, {"t": "error", "code": "auth", "reason": "shared-secret challenge failed"})
-                raise AuthError(f"{where}: the peer failed the shared-secret challenge")
+        if secret and not proof_ok(client_proof(secret, their_nonce, nonce), m.get("mac")):
+            send_frame(conn, {"t": "error", "code": "auth", "reason": "shared-secret challenge failed"})
+            raise AuthError(f"{where}: the peer failed the shared-secret challenge")
         addr = h["addr"] if isinstance(h.get("addr"), str) else ""
         info = PeerInfo(peer_id=PeerId(need(h, "id", str)), address=addr, wire_version=h["v"],
                         fingerprint=h["fp"], backend=h["backend"], region_nbytes=need(m, "nbytes", int))

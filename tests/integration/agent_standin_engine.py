@@ -58,7 +58,7 @@ def main() -> int:
         del arr
     errors = client.commit([r.id for r in res], reg.chunk_tokens, sums)
     record = {"pid": os.getpid(), "generation": generation, "created": reg.created, "shm_name": reg.shm_name,
-              "keys": [k.hex() for k in keys], "checksums": sums, "errors": errors}
+              "keys": [k.hex() for k in keys], "checksums": sums, "errors": [e.msg for e in errors if not e.ok]}
     tmp = out / f".engine-{generation}.tmp"
     tmp.write_text(json.dumps(record))
     tmp.replace(out / f"engine-{generation}.json")

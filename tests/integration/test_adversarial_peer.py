@@ -19,6 +19,7 @@ import os
 import re
 import socket
 import struct
+import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
@@ -33,16 +34,16 @@ from hypothesis import strategies as st
 
 from pdx.agent.client import AgentClient
 from pdx.agent.protocol import Op
-from pdx.agent.trust import mac
 from pdx.agent.types import ChunkStatus
 from pdx.checksum import checksum
 from pdx.config import TransportConfig
 from pdx.deploy.process import AgentProcess
-from pdx.errors import AuthError, PdxError, PeerDenied, WireError
+from pdx.errors import AuthError, ErrorCode, PdxError, PeerDenied, WireError
 from pdx.layout import KVDtype, KVLayout
 from pdx.store.pool import AttachedPool, attach
 from pdx.transport import create
 from pdx.transport.base import ChunkOp, MemoryKind, MemoryRegion, OpKind, OpStatus
+from pdx.transport.handshake import client_proof
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -85,7 +86,7 @@ class Side:
             arr[:] = rng.integers(0, 256, r.nbytes, dtype=np.uint8)
             sums.append(checksum(memoryview(arr)))
             del arr
-        assert self.client.commit([r.id for r in res], self.reg.chunk_tokens, sums) == [""] * len(keys)
+        assert all(o.ok for o in self.client.commit([r.id for r in res], self.reg.chunk_tokens, sums))
         return sums
 
     def metric(self, name: str, **labels: str) -> float:
@@ -110,15 +111,15 @@ class Rogue:
         args: dict[str, Any] = {"agent_id": "rogue", "chunk_fingerprint": victim.reg.chunk_fingerprint,
                                 "nonce": nonce}
         ch = self.client.call(Op.PEER_HELLO, args)
-        args.update(server_nonce=ch["challenge"], proof=mac(secret, b"C", ch["challenge"], nonce))
+        args.update(server_nonce=ch.challenge, proof=client_proof(secret, nonce, ch.challenge))
         self.hello = self.client.call(Op.PEER_HELLO, args)
-        self.client.auth = self.hello["token"]
+        self.client.auth = self.hello.token
         self.region = bytearray(4 * 1024 * 1024)
         self.transport = create("tcp", TransportConfig(backend="tcp", secret=secret, heartbeat_s=0.5,
                                                        transfer_timeout_s=5.0, connections_per_peer=lanes),
                                 victim.reg.chunk_fingerprint)
         self.transport.register(MemoryRegion(len(self.region), MemoryKind.HOST, self.region))
-        self.peer = self.transport.connect(self.hello["transport_address"], timeout=5.0).peer_id
+        self.peer = self.transport.connect(self.hello.transport_address, timeout=5.0).peer_id
         self.transport.set_session(self.peer, self.client.auth)
 
     def call(self, op: Op, args: dict[str, Any]) -> Any:
@@ -204,7 +205,7 @@ def test_rogue_peer_with_the_secret_stays_within_its_grants(agents: tuple[Side, 
             assert st_ is OpStatus.FAILED, (kind, off, st_)
             tally("tcp_data", True)
         rows = rogue.call(Op.PEER_PIN, {"keys": kept[:1], "owner": "mine", "lease_s": 30})
-        lid, _k, off, nb = rows[0][:4]
+        lid, off, nb = rows[0].lease_id, rows[0].offset, rows[0].nbytes
         assert lid and rogue.move(OpKind.READ, off, nb) is OpStatus.DONE  # its grant works
         assert checksum(memoryview(rogue.region)[:nb]) == sums[0]
         assert rogue.move(OpKind.READ, off, nb + 1) is OpStatus.FAILED  # one byte past it does not
@@ -228,7 +229,7 @@ def test_rogue_peer_with_the_secret_stays_within_its_grants(agents: tuple[Side, 
         # a forged or stale token is no session
         rogue.client.auth = os.urandom(16)
         refused(lambda: rogue.call(Op.PEER_PIN, {"keys": kept, "owner": "x"}), "peer_ctrl", AuthError)
-        rogue.client.auth = rogue.hello["token"]
+        rogue.client.auth = rogue.hello.token
         # the engine's pins and reservation survived all of it
         assert victim.client.unpin([p.lease_id for p in local]) == len(local)
         assert victim.client.abort([own_res.id]) == 1
@@ -249,14 +250,14 @@ def test_a_rogue_cannot_exhaust_the_pool(agents: tuple[Side, Side]) -> None:
     rogue = Rogue(victim)
     try:
         rows = rogue.call(Op.PEER_PIN, {"keys": many[: slabs - 4], "owner": "hog", "lease_s": 60})
-        granted = sum(1 for r in rows if r[0])
+        granted = sum(1 for r in rows if r.lease_id)
         assert granted == quota, (granted, quota)
         tally("quota", True)
         # pushes it was asked for still count against the same quota
         asked = keys_(8)
         victim.client.expect(asked, "push-req", deadline_s=30)
         res = rogue.call(Op.PEER_RESERVE, {"keys": asked, "nbytes": victim.reg.chunk_bytes})
-        assert all(r[0] == 0 and str(r[3]).startswith("capacity") for r in res), res
+        assert all(r.id == 0 and r.code is ErrorCode.CAPACITY for r in res), res
         tally("quota", True)
         # the engine can still reserve and commit
         fresh = keys_(2)
@@ -278,7 +279,7 @@ def test_streams_per_peer_are_capped(agents: tuple[Side, Side]) -> None:
     try:
         rows = rogue.call(Op.PEER_PIN, {"keys": kept, "owner": "wide", "lease_s": 30})
         nb = victim.reg.chunk_bytes
-        ops = [ChunkOp(i * nb, r[2], r[3]) for i, r in enumerate(rows) if r[0]]
+        ops = [ChunkOp(i * nb, r.offset, r.nbytes) for i, r in enumerate(rows) if r.lease_id]
         assert len(ops) == len(kept) and len(rogue.region) >= len(ops) * nb
         res = rogue.transport.post(rogue.peer, OpKind.READ, ops).wait(timeout=20.0)
         done = sum(s is OpStatus.DONE for s in res.status)
@@ -319,9 +320,9 @@ def test_outsider_without_the_secret_gets_nothing(agents: tuple[Side, Side], tmp
     with AgentClient(victim.proc.peer_address, 5.0) as c:
         nonce = os.urandom(16)
         ch = c.call(Op.PEER_HELLO, {"agent_id": "outsider", "nonce": nonce})
-        assert "challenge" in ch and "token" not in ch
+        assert ch.challenge and not ch.token
         refused(lambda: c.call(Op.PEER_HELLO, {"agent_id": "outsider", "nonce": nonce,
-                                               "server_nonce": ch["challenge"], "proof": os.urandom(32)}),
+                                               "server_nonce": ch.challenge, "proof": os.urandom(32)}),
                 "outsider", AuthError)
         ops: dict[Op, dict[str, Any]] = {
             Op.PEER_PIN: {"keys": kept, "owner": "o"}, Op.PEER_UNPIN: {"lease_ids": [1]},
@@ -356,6 +357,38 @@ def test_outsider_without_the_secret_gets_nothing(agents: tuple[Side, Side], tmp
     finally:
         other.stop()
     still_serves(victim, honest, kept, sums)
+
+
+def test_a_rogue_outside_the_schema_gets_named_field_errors(agents: tuple[Side, Side]) -> None:
+    """A peer holding a session sends requests outside the wire schema's bounds: each is a
+    ``WireError`` naming the field, nothing is pinned or reserved, the agent keeps serving."""
+    victim, honest = agents
+    kept = keys_(2)
+    sums = victim.write(kept, seed=11)
+    rogue = Rogue(victim)
+    try:
+        before = victim.client.stats()["pool"]
+        cases: list[tuple[Op, dict[str, Any], str]] = [
+            (Op.PEER_PIN, {"keys": kept, "owner": "o", "lease_s": 1e12}, "$.lease_s"),
+            (Op.PEER_PIN, {"keys": kept, "owner": "o", "lease_s": float("inf")}, "$.lease_s"),
+            (Op.PEER_PIN, {"keys": [kept[0][:15]], "owner": "o"}, "$.keys[0]"),
+            (Op.PEER_PIN, {"keys": kept, "owner": ""}, "$.owner"),
+            (Op.PEER_PIN, {"keys": kept, "owner": "o", "grant_all": True}, "grant_all"),
+            (Op.PEER_UNPIN, {"lease_ids": [1] * 65537}, "$.lease_ids"),
+            (Op.PEER_UNPIN, {"lease_ids": [-1]}, "$.lease_ids[0]"),
+            (Op.PEER_RESERVE, {"keys": kept, "nbytes": "all"}, "$.nbytes"),
+            (Op.PEER_COMMIT, {"ids": [1], "checksums": [1]}, "num_tokens"),
+            (Op.PEER_RELEASE, {"owner": "x" * 2000}, "$.owner"),
+            (Op.PEER_HELLO, {"nonce": b"n" * 300}, "$.nonce"),
+        ]
+        for op, args, field in cases:
+            err = refused(lambda op=op, args=args: rogue.call(op, args), "peer_schema", WireError)
+            assert field in str(err), (op, err)
+        after = victim.client.stats()["pool"]
+        assert (after["pinned_slabs"], after["reserved_slabs"]) == (before["pinned_slabs"], before["reserved_slabs"])
+        still_serves(victim, honest, kept, sums)
+    finally:
+        rogue.close()
 
 
 def test_fetches_go_only_to_known_agents(agents: tuple[Side, Side], tmp_path: Path) -> None:
@@ -473,3 +506,76 @@ def test_the_secret_file_authenticates_like_the_secret(agents: tuple[Side, Side]
         s.close()
     finally:
         proc.stop()
+
+
+def _start_proxy(tmp_path: Path) -> tuple[Any, str]:
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "proxy.yaml"
+    cfg.write_text("port: 0\nmodels: [m]\nhealth_interval_s: 0.2\n")
+    proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg), "--log-level",
+                             "WARNING"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={k: v for k, v in os.environ.items() if not k.startswith("PDX__")})
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("pdx-proxy: serving on "):
+        proc.kill()
+        proc.wait(10)
+        raise AssertionError(f"the proxy did not start: {line!r}")
+    return proc, line.split()[-1]
+
+
+def test_a_secret_holder_cannot_speak_as_a_registered_agent(tmp_path: Path) -> None:
+    """Real agents registered with a real pdx-proxy publish their keys; a rogue that holds the secret
+    and claims a registered agent's name (and address) is refused at hello and counted, while the
+    registered agents still meet each other (both signatures check) and move bytes bit-exact."""
+    proxy, url = _start_proxy(tmp_path)
+    procs: list[AgentProcess] = []
+    sides: list[Side] = []
+    try:
+        for name, port in (("victim", 8301), ("honest", 8302)):
+            cfg = agent_config()
+            cfg["registration"] = {"proxy_url": url, "heartbeat_s": 0.2, "timeout_s": 2.0}
+            cfg["engine"] = {"url": f"http://127.0.0.1:{port}"}
+            p = AgentProcess(tmp_path, cfg, name=name)
+            procs.append(p)
+            p.start()
+            sides.append(Side(p))
+        victim, honest = sides
+        kept = keys_(2)
+        sums = victim.write(kept, seed=21)
+        # the honest agent fetches once the proxy listed the victim to it (and each the other's key)
+        deadline = time.monotonic() + 20
+        while True:
+            rid = f"id-{os.urandom(4).hex()}"
+            info = honest.client.wait(honest.client.fetch(victim.proc.peer_address, kept, rid, deadline_s=10), 15)
+            if info.ok:
+                break
+            assert time.monotonic() < deadline, info
+            time.sleep(0.2)
+        pins = honest.client.pin(kept, owner=rid + "-v", lease_s=10)
+        assert [checksum(honest.pool.view(p.offset, p.nbytes)) for p in pins] == sums
+        assert victim.metric("pdx_agent_peer_denied_total", op="peer_hello") == 0
+        # a rogue holding the secret claims to be the honest agent, from its address and from its own
+        for address in (honest.proc.peer_address, "tcp://127.0.0.1:1"):
+            with AgentClient(victim.proc.peer_address, 5.0) as c:
+                nonce = os.urandom(16)
+                args: dict[str, Any] = {"agent_id": "honest", "address": address,
+                                        "chunk_fingerprint": victim.reg.chunk_fingerprint, "nonce": nonce}
+                ch = c.call(Op.PEER_HELLO, args)
+                args.update(server_nonce=ch.challenge, proof=client_proof(SECRET, nonce, ch.challenge),
+                            signature=os.urandom(64))
+                refused(lambda c=c, args=args: c.call(Op.PEER_HELLO, args), "identity", PeerDenied)
+        assert victim.metric("pdx_agent_peer_denied_total", op="peer_hello") == 2
+        # the honest agent is unaffected
+        still = honest.client.wait(honest.client.fetch(victim.proc.peer_address, kept, "id-after",
+                                                       deadline_s=10), 15)
+        assert [c.status for c in still.chunks] in ([ChunkStatus.DONE] * 2, [ChunkStatus.PRESENT] * 2)
+    finally:
+        for s in sides:
+            s.close()
+        for p in procs:
+            p.stop()
+        proxy.terminate()
+        proxy.wait(10)

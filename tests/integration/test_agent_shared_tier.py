@@ -54,7 +54,7 @@ def test_b_pins_what_a_committed(agents: list[tuple[AgentProcess, AgentClient]])
         for r, data in zip(res, payloads):
             with pool_a.view(r.offset, r.nbytes) as v:
                 v[:] = data
-        assert a.commit([r.id for r in res], reg_a.chunk_tokens) == [""] * 4
+        assert all(o.ok for o in a.commit([r.id for r in res], reg_a.chunk_tokens))
     finally:
         pool_a.close()
     # A's write-behind reaches the shared tier; B sees the chunks as soon as it is there.

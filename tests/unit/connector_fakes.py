@@ -26,11 +26,12 @@ from pdx.agent.types import (
     JobKind,
     JobState,
     LookupInfo,
+    Outcome,
     PinInfo,
     ReservationInfo,
 )
 from pdx.checksum import checksum
-from pdx.errors import AgentUnavailable
+from pdx.errors import AgentUnavailable, ErrorCode
 from pdx.layout import KVLayout
 
 PEERS: dict[str, FakeAgent] = {}
@@ -78,6 +79,7 @@ class FakeAgent:
         self.reserved: dict[int, tuple[bytes, int, int]] = {}
         self.free = list(range(self.slabs))
         self.pins: dict[str, int] = {}
+        self.leases: set[int] = set()  # live lease ids (``expire_leases`` ends them all)
         self.jobs: dict[int, JobInfo] = {}
         self._ids = itertools.count(1)
         if self.peer_address:
@@ -117,10 +119,10 @@ class FakeAgent:
         out = []
         for i, k in enumerate(keys):
             if k in self.chunks:
-                out.append(ReservationInfo(0, k, 0, 0, "exists"))
+                out.append(ReservationInfo(0, k, 0, 0, "exists", ErrorCode.EXISTS))
                 continue
             if not self.free:
-                out.append(ReservationInfo(0, k, 0, 0, "capacity: full"))
+                out.append(ReservationInfo(0, k, 0, 0, "full", ErrorCode.CAPACITY))
                 continue
             slab = self.free.pop(0)
             rid = next(self._ids)
@@ -130,7 +132,7 @@ class FakeAgent:
         return out
 
     def commit(self, ids: Sequence[int], num_tokens: int | Sequence[int], checksums: Sequence[int] = (),
-               timeout: float | None = None) -> list[str]:
+               timeout: float | None = None) -> list[Outcome]:
         self._call("commit")
         out = []
         for i, rid in enumerate(ids):
@@ -138,10 +140,10 @@ class FakeAgent:
             cs = checksum(self.buf[off:off + n].data)
             if checksums and checksums[i] != cs:
                 self.free.append(off // self.slab_size)
-                out.append("corrupt: checksum mismatch")
+                out.append(Outcome(ErrorCode.INTEGRITY, "checksum mismatch"))
                 continue
             self.chunks[k] = _Chunk(off, n, cs, num_tokens if isinstance(num_tokens, int) else num_tokens[i])
-            out.append("")
+            out.append(Outcome())
         return out
 
     def abort(self, ids: Sequence[int], timeout: float | None = None) -> int:
@@ -161,8 +163,20 @@ class FakeAgent:
                 out.append(PinInfo(0, k))
             else:
                 self.pins[owner] = self.pins.get(owner, 0) + 1
-                out.append(PinInfo(next(self._ids), k, c.offset, c.nbytes, c.checksum, c.num_tokens, 60.0))
+                lid = next(self._ids)
+                self.leases.add(lid)
+                out.append(PinInfo(lid, k, c.offset, c.nbytes, c.checksum, c.num_tokens, 60.0))
         return out
+
+    def unpin(self, lease_ids: Sequence[int], timeout: float | None = None) -> int:
+        self._call("unpin")
+        live = [lid for lid in lease_ids if lid in self.leases]
+        self.leases.difference_update(live)
+        return len(live)
+
+    def expire_leases(self) -> None:
+        """Every pin's lease runs out (as if the agent's sweep reaped them)."""
+        self.leases.clear()
 
     def release(self, owner: str, timeout: float | None = None) -> int:
         self._call("release")
@@ -195,8 +209,10 @@ class FakeAgent:
                 self.buf[off:off + c.nbytes] = data
                 mine = self.chunks[k] = _Chunk(off, c.nbytes, c.checksum, c.num_tokens)
             self.pins[request_id] = self.pins.get(request_id, 0) + 1
+            lid = next(self._ids)
+            self.leases.add(lid)
             results.append(ChunkResult(k, ChunkStatus.DONE, mine.offset, mine.nbytes, mine.checksum,
-                                       mine.num_tokens, lease_id=next(self._ids)))
+                                       mine.num_tokens, lease_id=lid))
         if src is not None and remote_owner:
             src.release(remote_owner)
         state = JobState.RUNNING if self.hang_fetch else JobState.DONE

@@ -15,8 +15,14 @@ import zmq
 from pdx.agent.client import AgentClient
 from pdx.agent.loop import ControlLoop, Deferred
 from pdx.agent.metrics import AgentMetrics
-from pdx.agent.protocol import Op, encode_request
+from pdx.agent.protocol import WIRE_VERSION, Op, encode_request
+from pdx.agent.types import JobInfo, JobKind, JobState, PingInfo
 from pdx.errors import AgentUnavailable, CapacityError, ConfigError, WireError
+
+PONG = PingInfo(agent_id="a", instance="inst-a", role="both", wire_version=WIRE_VERSION, version="0", pid=1,
+                uptime_s=0.0, registered=False, peer_address="")
+FINISHED = JobInfo(1, JobKind.FETCH, JobState.DONE, "r", "p")
+RUNNING = JobInfo(2, JobKind.FETCH, JobState.RUNNING, "r", "p")
 
 
 class Fake:
@@ -26,7 +32,7 @@ class Fake:
         self.futures: list[Future[Any]] = []
 
     def handlers(self) -> dict[Op, Any]:
-        return {Op.PING: lambda a: {"pong": True}, Op.STATS: self.stats, Op.WAIT: self.wait,
+        return {Op.PING: lambda a: PONG, Op.STATS: self.stats, Op.WAIT: self.wait,
                 Op.RELEASE: self.crash}
 
     def stats(self, a: dict[str, Any]) -> Any:
@@ -38,7 +44,7 @@ class Fake:
     def wait(self, a: dict[str, Any]) -> Deferred:
         fut: Future[Any] = Future()
         self.futures.append(fut)
-        return Deferred(fut, a["timeout_s"], on_timeout=lambda: "timed out")
+        return Deferred(fut, a.timeout_s, on_timeout=lambda: RUNNING)
 
 
 @pytest.fixture
@@ -54,7 +60,7 @@ def served(tmp_path: Path) -> Iterator[tuple[ControlLoop, Fake, str]]:
 def test_replies_errors_and_deferred(served: tuple[ControlLoop, Fake, str]) -> None:
     loop, fake, address = served
     with AgentClient(address, 2.0) as c:
-        assert c.call(Op.PING) == {"pong": True} and c.instance == "inst-a"
+        assert c.call(Op.PING) == PONG and c.instance == "inst-a"
         with pytest.raises(CapacityError, match="pool full"):
             c.call(Op.STATS)
         with pytest.raises(Exception, match="internal error: RuntimeError: bug"):
@@ -68,11 +74,11 @@ def test_replies_errors_and_deferred(served: tuple[ControlLoop, Fake, str]) -> N
         deadline = time.monotonic() + 5
         while not fake.futures and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert c.call(Op.PING) == {"pong": True} and loop.pending == 1
-        fake.futures[0].set_result("finished")
+        assert c.call(Op.PING) == PONG and loop.pending == 1
+        fake.futures[0].set_result(FINISHED)
         t.join(5)
-        assert result == ["finished"]
-        assert c.call(Op.WAIT, {"job_id": 2, "timeout_s": 0.1}) == "timed out"
+        assert result == [FINISHED]
+        assert c.call(Op.WAIT, {"job_id": 2, "timeout_s": 0.1}) == RUNNING
     assert loop.metrics.value("pdx_agent_control_requests_total", {"op": "ping", "result": "ok"}) == 2
 
 
@@ -96,7 +102,7 @@ def test_restart_detection_on_the_same_address(tmp_path: Path) -> None:
     with AgentClient(address, 1.0, on_restart=seen.append) as c:
         for inst in ("one", "two"):
             loop = ControlLoop(inst, AgentMetrics(), 1 << 20)
-            loop.bind("control", address, {Op.PING: lambda a: {}})
+            loop.bind("control", address, {Op.PING: lambda a: PONG})
             loop.start()
             # A request sent in the instant the previous server went away is lost (ZMQ had not
             # noticed yet): that call times out, the next one goes through a fresh socket.

@@ -3,15 +3,23 @@ that never raises anything but ``WireError``."""
 
 from __future__ import annotations
 
+import re
+
 import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pdx import errors
 from pdx.agent.protocol import (
+    ARGS,
     LOCAL_OPS,
+    MAX_KEYS,
     PEER_OPS,
+    REPLY_TYPES,
     WIRE_VERSION,
+    FetchArgs,
+    LookupArgs,
     Op,
     decode_reply,
     decode_request,
@@ -21,7 +29,15 @@ from pdx.agent.protocol import (
     error_from_wire,
 )
 from pdx.agent.types import ChunkResult, ChunkStatus, JobInfo, JobKind, JobState, PinInfo
-from pdx.errors import AgentError, CapacityError, LayoutError, ReservationError, WireError
+from pdx.errors import (
+    AgentError,
+    CapacityError,
+    ErrorCode,
+    LayoutError,
+    PeerDenied,
+    ReservationError,
+    WireError,
+)
 
 KEY = b"k" * 16
 
@@ -32,43 +48,62 @@ def pack(obj: object) -> bytes:
 
 def test_request_round_trip_fills_defaults() -> None:
     req = decode_request(encode_request(42, Op.LOOKUP, {"keys": [KEY, KEY]}))
-    assert (req.id, req.op, req.args) == (42, Op.LOOKUP, {"keys": [KEY, KEY], "remote": False})
-    req = decode_request(encode_request(1, Op.FETCH, {"peer": "tcp://127.0.0.1:1", "keys": [KEY],
-                                                      "request_id": "r"}, auth=b"tok"))
-    assert req.args["pin"] is True and req.args["deadline_s"] == 0.0 and req.auth == b"tok"
+    assert (req.id, req.op, req.args) == (42, Op.LOOKUP, LookupArgs([KEY, KEY], remote=False))
+    req = decode_request(encode_request(1, Op.FETCH, FetchArgs("tcp://127.0.0.1:1", [KEY], "r"), auth=b"tok"))
+    assert req.args.pin is True and req.args.deadline_s == 0.0 and req.auth == b"tok"
 
 
-def test_reply_round_trip_and_error_classes() -> None:
-    r = decode_reply(encode_reply(7, {"x": [1, b"b"]}, "inst-1"))
-    assert r.ok and r.result == {"x": [1, b"b"]} and r.instance == "inst-1"
+def test_every_op_has_a_schema_for_its_arguments_and_its_reply() -> None:
+    assert set(ARGS) == set(Op) == set(REPLY_TYPES)
+
+
+def test_reply_round_trip_and_error_codes() -> None:
+    pins = [PinInfo(5, KEY, 4096, 10, 7, 256, 1.5), PinInfo(0, KEY)]
+    r = decode_reply(encode_reply(7, pins, "inst-1"))
+    assert r.ok and r.result(Op.PIN) == pins and r.instance == "inst-1"
+    with pytest.raises(WireError, match="reply to lookup"):  # strict: a reply of another shape
+        r.result(Op.LOOKUP)
     e = decode_reply(encode_error(8, ReservationError("gone"), "inst-1"))
     assert not e.ok and isinstance(e.error, ReservationError) and str(e.error) == "gone"
     e = decode_reply(encode_error(9, KeyError("boom"), "i"))  # not a PdxError: generic, says internal
     assert type(e.error) is AgentError and "internal error" in str(e.error)
-    assert isinstance(error_from_wire("CapacityError", "full"), CapacityError)
-    assert type(error_from_wire("SystemExit", "x")) is AgentError  # never instantiates non-pdx classes
-    assert type(error_from_wire("__builtins__", "x")) is AgentError
+    assert isinstance(error_from_wire(ErrorCode.CAPACITY, "full"), CapacityError)
+    assert isinstance(error_from_wire(ErrorCode.PEER_DENIED, "no"), PeerDenied)
+    assert type(error_from_wire(9999, "x")) is AgentError  # a code from a newer peer
+
+
+def test_error_codes_are_unique_per_class() -> None:
+    classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.PdxError)
+               and "error_code" in vars(c) and c is not errors.PdxError]
+    codes = [c.error_code for c in classes]
+    assert len(codes) == len(set(codes)) and len(classes) >= 20
+    for c in classes:
+        assert errors.error_class(c.error_code) is c
 
 
 @pytest.mark.parametrize("frame, message", [
-    (b"\xc1", "not a msgpack message"),
-    (pack([1, 2]), "expected a map"),
-    (pack({"v": 1, "id": 1, "op": "ping", "a": {}}), "wire version 1, this agent speaks 2"),
-    (pack({"v": WIRE_VERSION, "id": -1, "op": "ping", "a": {}}), "'id'"),
+    (b"\xc1", "not a msgpack request"),
+    (pack([1, 2]), "bad request envelope: Expected `object`"),
+    (pack({"v": 1, "id": 1, "op": "ping", "a": {}}), f"wire version 1, this agent speaks {WIRE_VERSION}"),
+    (pack({"v": WIRE_VERSION, "id": -1, "op": "ping", "a": {}}), "at `$.id`"),
     (pack({"v": WIRE_VERSION, "id": 1, "op": "nope", "a": {}}), "unknown message type 'nope'"),
-    (pack({"v": WIRE_VERSION, "id": 1, "op": "ping", "a": [], }), "'a' must be a map"),
-    (pack({"v": WIRE_VERSION, "id": 1, "op": "ping", "a": {}, "zz": 1}), "unknown envelope field"),
-    (pack({"v": WIRE_VERSION, "id": 1, "op": "lookup", "a": {}}), "missing argument 'keys'"),
-    (pack({"v": WIRE_VERSION, "id": 1, "op": "lookup", "a": {"keys": [b"x"]}}), "keys of 16 bytes"),
-    (pack({"v": WIRE_VERSION, "id": 1, "op": "lookup", "a": {"keys": [KEY], "remote": 1}}), "true or false"),
-    (pack({"v": WIRE_VERSION, "id": 1, "op": "pin", "a": {"keys": [], "owner": ""}}), "non-empty"),
+    (pack({"v": WIRE_VERSION, "id": 1, "op": "ping", "a": [], }), "ping: Expected `object`, got `array`"),
+    (pack({"v": WIRE_VERSION, "id": 1, "op": "ping", "a": {}, "zz": 1}), "unknown field `zz`"),
+    (pack({"v": WIRE_VERSION, "id": 1, "op": "lookup", "a": {}}), "missing required field `keys`"),
+    (pack({"v": WIRE_VERSION, "id": 1, "op": "lookup", "a": {"keys": [b"x"]}}), "length >= 16"),
+    (pack({"v": WIRE_VERSION, "id": 1, "op": "lookup", "a": {"keys": [KEY], "remote": 1}}),
+     "Expected `bool`, got `int` - at `$.remote`"),
+    (pack({"v": WIRE_VERSION, "id": 1, "op": "pin", "a": {"keys": [], "owner": ""}}), "length >= 1"),
     (pack({"v": WIRE_VERSION, "id": 1, "op": "wait", "a": {"job_id": 1, "timeout_s": float("nan")}}),
-     "positive number"),
+     "at `$.timeout_s`"),
+    (pack({"v": WIRE_VERSION, "id": 1, "op": "fetch", "a": {"peer": "p", "keys": [], "request_id": "r",
+                                                            "deadline_s": 1e300}}), "<= 86400.0"),
     (pack({"v": WIRE_VERSION, "id": 1, "op": "register_engine", "a": {"layout": {"a": [1]}}}),
-     "a string or an integer"),
+     "at `$.layout"),
+    (pack({"v": WIRE_VERSION, "id": 1, "op": "abort", "a": {"ids": [1] * (MAX_KEYS + 1)}}), "length <= 65536"),
 ])
 def test_rejections_name_the_problem(frame: bytes, message: str) -> None:
-    with pytest.raises(WireError, match=message.replace("(", r"\(")):
+    with pytest.raises(WireError, match=re.escape(message)):
         decode_request(frame)
 
 
@@ -76,6 +111,9 @@ def test_errors_carry_the_request_id_when_there_is_one() -> None:
     with pytest.raises(WireError) as err:
         decode_request(pack({"v": 5, "id": 77, "op": "ping", "a": {}}))
     assert getattr(err.value, "request_id", None) == 77
+    with pytest.raises(WireError) as err:  # a bad envelope with a usable id: still answerable
+        decode_request(pack({"v": WIRE_VERSION, "id": 78, "op": 5, "a": {}}))
+    assert getattr(err.value, "request_id", None) == 78
     with pytest.raises(WireError) as err:
         decode_request(b"\x00garbage")
     assert getattr(err.value, "request_id", None) is None
@@ -96,14 +134,14 @@ def test_result_types_round_trip() -> None:
     info = JobInfo(3, JobKind.FETCH, JobState.DONE, "r", "tcp://x",
                    (ChunkResult(KEY, ChunkStatus.DONE, 4096, 10, 5, 256, 9),
                     ChunkResult(KEY, ChunkStatus.CORRUPT, reason="bad")), "", 10, 0.5)
-    back = JobInfo.from_wire(msgpack.unpackb(pack(info.to_wire()), raw=False))
+    back = decode_reply(encode_reply(1, info, "i")).result(Op.WAIT)
     assert back == info and back.usable_prefix == 1 and not back.ok
-    pin = PinInfo(5, KEY, 4096, 10, 7, 256, 1.5)
-    assert PinInfo.from_wire(pin.to_wire()) == pin and pin.found
+    bad = decode_reply(encode_reply(1, {"job_id": "x"}, "i"))
     with pytest.raises(WireError):
-        JobInfo.from_wire({"job_id": "x"})
+        bad.result(Op.JOB_STATUS)
+    bad = decode_reply(encode_reply(1, [[KEY, "weird", 0, 0, 0, 0, 0, ""]], "i"))
     with pytest.raises(WireError):
-        ChunkResult.from_wire([KEY, "weird", 0, 0, 0, 0, 0, ""])
+        bad.result(Op.PEER_PIN)
 
 
 # --- fuzzing --------------------------------------------------------------------------------------
@@ -149,7 +187,7 @@ def test_decoder_on_near_valid_requests(msg: dict[str, object]) -> None:
         req = decode_request(pack(msg))
     except WireError:
         return
-    assert isinstance(req.op, Op) and isinstance(req.args, dict)
+    assert isinstance(req.op, Op) and isinstance(req.args, ARGS[req.op])
 
 
 @settings(max_examples=300, deadline=None)
@@ -172,4 +210,4 @@ def test_layout_errors_come_from_the_layout_not_the_decoder() -> None:
     req = decode_request(encode_request(1, Op.REGISTER_ENGINE, {"layout": {"model_id": "m"}}))
     from pdx.layout import KVLayout
     with pytest.raises(LayoutError):
-        KVLayout.from_dict(req.args["layout"])
+        KVLayout.from_dict(req.args.layout)

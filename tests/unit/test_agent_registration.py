@@ -91,7 +91,8 @@ def test_announcement_of_a_live_agent(tmp_path: Path) -> None:
         keys = [os.urandom(16) for _ in range(3)]
         for k in keys:
             server.store.put(k, b"x" * 1024)
-        msg = build_announcement(server, 5, False, keys=server.store.keys)
+        msg = build_announcement(server.ctx, 5, False, engine_url=server.engine_url,
+                                 control_address=server.control_address, keys=server.store.keys)
         back = AgentAnnouncement.from_dict(json.loads(json.dumps(msg.to_dict())))
         assert back.role is WorkerRole.DECODE and back.engine_url == "http://127.0.0.1:8100"
         assert back.models == ("tiny",) and back.seq == 5 and back.control_address == server.control_address
@@ -126,7 +127,7 @@ def test_the_register_reply_updates_the_known_peers() -> None:
         ann = Announcer(RegistrationConfig(proxy_url=f"http://127.0.0.1:{server.server_address[1]}"), msg,
                         AgentMetrics(), on_peers=got.append)
         assert ann.announce(leaving=False)
-        assert got == [[("p1", "tcp://127.0.0.1:7001")]]
+        assert got == [[("p1", "tcp://127.0.0.1:7001", "")]]
     finally:
         server.shutdown()
         server.server_close()

@@ -15,9 +15,9 @@ from pdx.agent.context import AgentContext, commit_chunks
 from pdx.agent.jobs import JobTable
 from pdx.agent.links import PeerLink
 from pdx.agent.metrics import AgentMetrics
-from pdx.agent.protocol import Op
+from pdx.agent.protocol import ARGS, Op
 from pdx.agent.transfers import Transfers
-from pdx.agent.types import ChunkStatus, JobKind, JobState
+from pdx.agent.types import ChunkStatus, JobKind, JobState, PinInfo, ReserveRow
 from pdx.checksum import checksum
 from pdx.config import AgentConfig, L1Config, StoreConfig
 from pdx.errors import PeerDenied
@@ -77,30 +77,32 @@ class FakePeer:
         self.remote = remote
         self.address = "tcp://127.0.0.1:1"
         self.auth = b"token"
-        self.calls: list[tuple[Op, dict[str, Any]]] = []
+        self.calls: list[tuple[Op, Any]] = []
         self.refuse: set[Op] = set()
         self.expected: set[bytes] = set()
 
-    def call(self, op: Op, args: dict[str, Any], timeout: float | None = None) -> Any:
+    def call(self, op: Op, args: Any, timeout: float | None = None) -> Any:
+        """Answers with the same reply types as a real peer (the transfer jobs read nothing else)."""
+        assert isinstance(args, ARGS[op])  # the jobs speak the schema
         self.calls.append((op, args))
         if op in self.refuse:
             raise PeerDenied(f"{op.value}: refused by the fake peer")
         if op is Op.PEER_PIN:
-            pins = self.remote.pin([ChunkKey(k) for k in args["keys"]], owner=args["owner"])
-            return [[p.lease_id, k, p.offset, p.nbytes, p.checksum, p.num_tokens, 30.0] if p else
-                    [0, k, 0, 0, 0, 0, 0.0] for k, p in zip(args["keys"], pins)]
+            pins = self.remote.pin([ChunkKey(k) for k in args.keys], owner=args.owner)
+            return [PinInfo(p.lease_id, k, p.offset, p.nbytes, p.checksum, p.num_tokens, 30.0) if p else
+                    PinInfo(0, k) for k, p in zip(args.keys, pins)]
         if op is Op.PEER_RELEASE:
-            return self.remote.release_owner(args["owner"])
+            return self.remote.release_owner(args.owner)
         if op is Op.PEER_RESERVE:
             out = []
-            for k in args["keys"]:
+            for k in args.keys:
                 r = self.remote.reserve(ChunkKey(k), SLAB)
-                out.append([r.id, r.offset, r.nbytes, ""])
+                out.append(ReserveRow(r.id, r.offset, r.nbytes))
             return out
         if op is Op.PEER_COMMIT:
-            return commit_chunks(self.remote, args["ids"], args["checksums"], args["num_tokens"])
+            return commit_chunks(self.remote, args.ids, args.checksums, args.num_tokens)
         if op is Op.PEER_ABORT:
-            return len(args["ids"])
+            return len(args.ids)
         raise AssertionError(op)
 
 
@@ -168,7 +170,7 @@ def test_fetch_moves_verifies_pins_and_releases(world: World) -> None:
         assert c.lease_id and checksum(world.local.pool.view(c.offset, c.nbytes)) == s
     assert info.nbytes == 3 * SLAB
     world.ctx.control.submit(lambda: None).result(5)  # the releases ran
-    released = [a["owner"] for op, a in world.peer.calls if op is Op.PEER_RELEASE]
+    released = [a.owner for op, a in world.peer.calls if op is Op.PEER_RELEASE]
     assert released[-1] == "pd:prefill" and released[0].startswith("fetch:local:i1:")
     assert world.remote.stats().leases == 0
 

@@ -168,11 +168,11 @@ def test_shm_segment_plain_names() -> None:
     assert segment_path("pdx-pool-1") == SHM_DIR / "pdx-pool-1"
 
 
-@pytest.mark.parametrize("value", [1e308, float("inf"), 86400.5, -1, 0])
+@pytest.mark.parametrize("value", [1e308, float("inf"), 86400.5, -1, float("nan"), "5"])
 def test_deadlines_are_bounded_in_the_schema(value: float) -> None:
     frame = encode_request(1, Op.FETCH, {"peer": "tcp://127.0.0.1:1", "keys": [b"k" * 16], "request_id": "r",
                                          "deadline_s": value})
-    with pytest.raises(WireError, match=r"deadline_s.*at most 86400"):
+    with pytest.raises(WireError, match=r"at `\$\.deadline_s`"):
         decode_request(frame)
 
 

@@ -159,6 +159,34 @@ def test_corrupt_chunk_is_not_unpacked_and_reported_with_the_request() -> None:
     r.close()
 
 
+@pytest.mark.parametrize("peer", ["", "tcp://prefill:1"])
+def test_a_pin_that_ends_during_the_unpack_fails_the_load(peer: str) -> None:
+    """The bytes the engine unpacks are the bytes it verified only if every pin held through the
+    unpack (a pinned slab is never reused): a lease that ran out meanwhile makes the load fail and
+    vLLM recompute, for a local load and for one fetched from a prefill agent."""
+    src, dst = _caches(1), _caches(2)
+    agent = FakeAgent(slab_size=CHUNK)
+    source = FakeAgent(slab_size=CHUNK, peer_address=peer) if peer else agent
+    _stored(source, src)
+    r = _worker(agent, dst)
+    unpack = r._codec.unpack_batch
+
+    def unpack_then_expire(chunks: Any) -> None:
+        unpack(chunks)
+        agent.expire_leases()  # the agent reaped the leases while the engine was reading
+
+    r._codec.unpack_batch = unpack_then_expire  # type: ignore[method-assign]
+    r.start_loads(_load_plan(peer=peer))
+    assert _wait_finished(r) == {"r"}
+    assert r.take_load_errors() == set(DST_BLOCKS)  # every block recomputed
+    assert r.stats.revoked_loads == 1
+    # the same load with pins that hold is fine
+    r._codec.unpack_batch = unpack  # type: ignore[method-assign]
+    r.start_loads(_load_plan(peer=peer))
+    assert _wait_finished(r) == {"r"} and r.take_load_errors() == set() and r.stats.revoked_loads == 1
+    r.close()
+
+
 def test_errors_only_become_visible_with_the_finished_request() -> None:
     agent = FakeAgent(slab_size=CHUNK)
     r = _worker(agent, _caches(2))
