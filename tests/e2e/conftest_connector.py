@@ -60,6 +60,7 @@ PROMPTS: dict[str, tuple[int, int]] = {
     "reuse_whole_chunks": (12 * CHUNK_TOKENS, 110),
     "tenants": (PROMPT_TOKENS, 111),
     "shared_mooncake": (PROMPT_TOKENS, 112),
+    "shared_redis": (PROMPT_TOKENS, 113),
 }
 
 @dataclass(frozen=True)
