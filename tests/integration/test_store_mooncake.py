@@ -70,6 +70,22 @@ def test_round_trip_between_two_agents_sharing_one_master(mooncake_master: Moonc
         b.close()
 
 
+def test_evicted_chunks_go_through_the_copying_put(mooncake_master: MooncakeMaster) -> None:
+    # write: evicted hands the tier a copy (not a pinned slab): put_batch, not the zero-copy path
+    a = make(mooncake_master, slabs=2, write="evicted")
+    b = make(mooncake_master)
+    try:
+        for i in range(4):
+            a.put(key(i), payload(i), num_tokens=16)
+        assert a.flush(10)
+        assert a.metrics.value("pdx_store_bytes_in_total", {"tier": "mooncake"}) == 2 * SLAB  # 0 and 1 left L1
+        pins = b.get([key(0), key(1)], owner="req")
+        assert pinned_bytes(b, pins) == [payload(0), payload(1)]
+    finally:
+        a.close()
+        b.close()
+
+
 def test_master_killed_mid_run_then_back(mooncake_master: MooncakeMaster, caplog: pytest.LogCaptureFixture) -> None:
     s = make(mooncake_master)
     other = make(mooncake_master)
