@@ -8,7 +8,8 @@ used: a dead or slow server (a Mooncake master that is gone makes each client
 call wait seconds) cannot turn another tier's hits into misses, nor make the
 whole lookup outlast the engine's lookup budget. Its call goes on in the
 background, bounded by the tier's own timeout; until it returns, later lookups
-skip that tier at once instead of queueing behind it.
+skip that tier at once instead of queueing behind it, and so does ``ChunkStore.get``
+(``stuck``): a load does not wait seconds on a server that is hanging.
 
 Thread-safe; called by ``ChunkStore.lookup(remote=True)`` from any thread.
 """
@@ -37,10 +38,8 @@ class RemoteLookups:
         start = time.monotonic()
         futures: list[concurrent.futures.Future[list[bool]] | None] = []
         for tier in tiers:
-            with self._lock:
-                stuck = self._late.get(id(tier), 0) > 0
             try:
-                futures.append(None if stuck else self._pool.submit(tier.exists, keys))
+                futures.append(None if self.stuck(tier) else self._pool.submit(tier.exists, keys))
             except RuntimeError:  # shut down: the store is closing
                 futures.append(None)
         out: list[list[bool] | None] = []
@@ -59,6 +58,11 @@ class RemoteLookups:
             except Exception:  # tiers never raise; a bug here must not fail the lookup
                 out.append(None)
         return out
+
+    def stuck(self, tier: LowerTier) -> bool:
+        """True while a lookup call of ``tier`` is still out past its budget (its server hangs)."""
+        with self._lock:
+            return self._late.get(id(tier), 0) > 0
 
     def _landed_cb(self, tier: LowerTier) -> Callable[[concurrent.futures.Future[list[bool]]], None]:
         def landed(_fut: concurrent.futures.Future[list[bool]]) -> None:

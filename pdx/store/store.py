@@ -391,7 +391,10 @@ class ChunkStore:
         n = len(keys)
         pins: list[Pin | None] = [None] * n
         local = self.local_tiers
-        usable = local + (self.remote_tiers if remote else [])
+        lookups = self._remote_lookups
+        # a remote tier whose lookup is hanging past its budget would hang this load too: skip it
+        usable = local + ([t for t in self.remote_tiers if lookups is None or not lookups.stuck(t)]
+                          if remote else [])
         pending: list[int] = []  # not in L1, maybe in a lower tier
         with self._lock:
             self._check_open()

@@ -87,7 +87,7 @@ class _FakeRemote(LowerTier):
         self.tier = kind  # type: ignore[misc]
         self.held, self.delay, self.lookup_timeout_s = held, delay, budget
         self.release = threading.Event()
-        self.calls = 0
+        self.calls = self.reads = 0
         self.barrier: threading.Barrier | None = None
 
     def exists(self, keys: Sequence[ChunkKey]) -> list[bool]:
@@ -102,6 +102,7 @@ class _FakeRemote(LowerTier):
         return [k in self.held for k in keys]
 
     def read(self, keys: Sequence[ChunkKey], sink: Sink) -> list[ChunkMeta | None]:
+        self.reads += 1
         return [None] * len(keys)
 
     def write_batch(self, items: list[WriteItem]) -> None:
@@ -131,6 +132,8 @@ def test_a_stuck_remote_tier_does_not_hide_the_hits_of_the_next_one() -> None:
         # while its call is still out, later lookups skip the stuck tier at once
         assert store.lookup(keys, remote=True).prefix_chunks == 3
         assert stuck.calls == 1
+        assert store.get(keys) == [None] * 4  # a load skips the hanging tier too (the fakes hold no bytes)
+        assert stuck.reads == 0 and redis.reads == 1
         assert store.metrics.value("pdx_store_misses_total", {"tier": "mooncake", "op": "lookup"}) >= 4
         stuck.release.set()  # its call returns: the tier is asked again, and its answer counts
         stuck.delay = 0.0
