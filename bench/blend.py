@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> Report:
                 s = samples[name]
                 for opts in variants:
                     t0 = time.perf_counter()
-                    res = blend_pass(model, region, assemble(model, n, sys_kv, spans), opts)
+                    res = blend_pass(model, region, assemble(model, n, sys_kv, spans), opts, in_place=True)
                     logits, kv = extend(model, question, res.kv)
                     s.ttft_ms.append((time.perf_counter() - t0) * 1e3)
                     errs = [_rel(k, v, fk[:n], fv[:n]) for (k, v), (fk, fv) in zip(res.kv, full_kv)]

@@ -19,6 +19,9 @@ WORKLOADS = {
     "proxy": "time to first byte added by pdx-proxy, and its max request rate",
     "replay": "a trace sent to a running deployment at its arrival times: TTFT and hit ratio vs oracle",
     "blend": "CacheBlend fidelity (KV error, KL, top-1, divergence) and TTFT against a full prefill",
+    "soak": "mixed load on a 'pdx up' deployment while faults hit it: ok ratio, wrong tokens, leaks",
+    "fleet": "2P2D over two network namespaces on real vLLM: TTFT p50/p99 against plain vLLM, and a "
+             "peer-to-peer fetch between the hosts' agents against the bare tcp transport (needs root)",
 }
 
 

@@ -594,6 +594,34 @@ class CacheAwareConfig:
         65536, "chunk keys the proxy remembers per worker from its own routing; 0 = none")
 
 
+@dataclass(frozen=True)
+class PeerReuseConfig:
+    """Peer-to-peer reuse in the proxy: when to hint a worker to fetch a prefix from another agent
+    (docs/proxy.md, "Peer-to-peer reuse"). Fetch when its estimated cost is below recompute's."""
+
+    enabled: bool = doc_field(True, "send peer hints (kv_transfer_params.pdx.hint)")
+    link_gbps: float = doc_field(
+        10.0, "bandwidth of the peer plane between agents, Gbit/s (e.g. pdx-bench fleet's p2p_fetch_gbps, "
+        "which is in GB/s, x 8)")
+    fetch_fixed_ms: float = doc_field(
+        5.0, "fixed cost of one fetch, ms: the peer_pin round trip, the transfer set-up, the release, "
+        "and the engine step the asynchronous load waits for")
+    prefill_tokens_per_s: float = doc_field(
+        10000.0, "prefill rate assumed until the proxy has measured one (from its prefill calls)")
+    bytes_per_token: int = size_field(
+        0, "KV bytes per token of a chunk; 0 = from the holder's announcement (pool bytes / chunks), "
+        "else 128 KiB (an 8B model in 16 bits)")
+    min_chunks: int = doc_field(1, "hint only when the holder has at least this many more chunks")
+
+    def validate(self) -> None:
+        if self.link_gbps <= 0 or self.prefill_tokens_per_s <= 0:
+            raise ConfigError("link_gbps, prefill_tokens_per_s: must be positive")
+        if self.fetch_fixed_ms < 0 or self.bytes_per_token < 0:
+            raise ConfigError("fetch_fixed_ms, bytes_per_token: must not be negative")
+        if self.min_chunks < 1:
+            raise ConfigError("min_chunks: must be at least 1")
+
+
 #: the prefix of every cache_salt the proxy sets for a tenant; clients may not send one
 TENANT_SALT_PREFIX = "tenant:"
 _SALT_FORBIDDEN = ("@", "/", "\\", "\0")  # vLLM refuses these in a cache_salt
@@ -664,6 +692,7 @@ class ProxyConfig:
     shutdown_grace_s: float = doc_field(
         5.0, "on stop, requests in flight get this long to finish before they are cancelled")
     cache_aware: CacheAwareConfig = field(default_factory=CacheAwareConfig)
+    p2p: PeerReuseConfig = field(default_factory=PeerReuseConfig)
 
     def validate(self) -> None:
         for name in ("port", "admin_port"):

@@ -124,7 +124,8 @@ class ProxyServer:
             unhealthy_after=cfg.unhealthy_after, hint_keys=cfg.cache_aware.hint_keys,
             default_chunk_tokens=cfg.cache_aware.chunk_tokens)
         self.policy: RoutingPolicy = make_policy(cfg.policy, cfg.cache_aware)
-        if tokenizer is None and self.policy.needs_tokens:
+        # peer hints need the prompt's chunk keys too: with any policy once a tokenizer is configured
+        if tokenizer is None and (self.policy.needs_tokens or (cfg.p2p.enabled and cfg.cache_aware.tokenizer)):
             tokenizer = load_tokenizer(cfg.cache_aware.tokenizer)
         self.tokenizer = tokenizer
         self.admission = Admission(cfg.max_inflight, cfg.max_queue, cfg.queue_timeout_s,

@@ -19,12 +19,13 @@ from typing import Any
 
 from pdx.config import ProxyConfig, ProxyWorkerConfig, describe, load_config
 from pdx.errors import PdxError
+from pdx.scheduler.policies import POLICIES
 
 _EPILOG = """\
 config (YAML; every key is optional; PDX__KEY=value environment variables override it):
   host: 127.0.0.1
   port: 8000
-  policy: cache_aware            # round_robin | least_loaded | cache_aware
+  policy: prefix_affinity        # round_robin | least_loaded | cache_aware | prefix_affinity
   models: [my-model]             # empty: learned from the workers' /v1/models
   workers:                       # static workers; agents may also register at runtime
     - {role: prefill, url: "http://127.0.0.1:8100", agent_url: "http://127.0.0.1:8101"}
@@ -59,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", metavar="PATH", help="YAML config (default: built-in defaults)")
     serve.add_argument("--host", help="listen address (config: host; default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port, 0 = any free port (config: port)")
-    serve.add_argument("--policy", help="routing policy: round_robin, least_loaded or cache_aware")
+    serve.add_argument("--policy", metavar="NAME",
+                       help=f"routing policy: {', '.join(POLICIES.names())} (config: policy; "
+                            "default prefix_affinity)")
     serve.add_argument("--model", action="append", dest="models", metavar="NAME",
                        help="served model name; repeat for more (config: models)")
     serve.add_argument("--worker", action="append", type=_parse_worker, default=[], metavar="ROLE=URL",

@@ -22,7 +22,11 @@ For one validated generate request (``app.py`` parses and admits it):
    goes first, since it holds the prompt's KV). With no healthy prefill worker the
    decode worker computes the prompt. Both are counted in
    ``pdx_proxy_degraded_total{missing}`` and logged.
-5. **Aborts.** A client that goes away cancels the handler (the server runs with
+5. **Peer hints.** A call that computes a prompt (a prefill, or a decode or whole request without
+   a prefill's params) goes with ``kv_transfer_params.pdx.hint`` when another agent holds more of
+   the prompt's prefix than the chosen worker and fetching it is estimated cheaper than computing
+   it (``pdx.scheduler.p2p``); prefill calls also feed the measured prefill rate of that estimate.
+6. **Aborts.** A client that goes away cancels the handler (the server runs with
    handler cancellation); every upstream response still open is then closed, so
    vLLM aborts the request on both workers and frees (or lets its connector
    release) the KV it holds.
@@ -42,7 +46,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -51,6 +55,7 @@ from aiohttp import web
 
 from pdx.config import ProxyConfig
 from pdx.errors import ConnectError, NoWorkers, TransportError, UpstreamError, UpstreamTimeout
+from pdx.scheduler.p2p import PeerReuse
 from pdx.scheduler.policies import RouteRequest, RoutingPolicy
 from pdx.scheduler.registry import Side, Worker, WorkerRegistry
 from pdx.scheduler.tokenizer import Tokenizer, render_plain_chat
@@ -140,6 +145,28 @@ class PDFlow:
         self.metrics = metrics
         self.tokenizer = tokenizer
         self._auth = {"Authorization": f"Bearer {cfg.upstream_api_key}"} if cfg.upstream_api_key else {}
+        self.p2p = PeerReuse(cfg.p2p, registry, metrics.count_peer_hint)
+        #: tokenize for peer hints even when the policy does not need tokens: a real tokenizer is
+        #: configured (the byte-level stand-in's keys never match an agent's)
+        self._hint_tokens = cfg.p2p.enabled and bool(cfg.cache_aware.tokenizer)
+
+    def _hinted_body(self, body: dict[str, Any], raw: bytes | None,
+                     rreq: RouteRequest) -> Callable[[Worker], bytes]:
+        """The request for a worker that computes the prompt itself (no prefill's params): with a
+        peer hint when another agent holds more of the prefix and fetching it is worth it."""
+        plain: list[bytes] = []
+
+        def build(w: Worker) -> bytes:
+            hint = self.p2p.hint(rreq, w)
+            if hint is not None:
+                log.debug("request %s: %s may fetch %d chunks from %s", rreq.request_id, w.id,
+                          hint.extra_chunks, hint.worker_id)
+                return _decode_body(body, raw, hint.params())
+            if not plain:
+                plain.append(_decode_body(body, raw, None))
+            return plain[0]
+
+        return build
 
     # --- routing ---------------------------------------------------------------------------
 
@@ -161,7 +188,7 @@ class PDFlow:
                 text = ""
             else:
                 text = prompt[0] if isinstance(prompt, list) else prompt
-        if token_ids is None and self.policy.needs_tokens and self.tokenizer is not None:
+        if token_ids is None and self.tokenizer is not None and (self.policy.needs_tokens or self._hint_tokens):
             token_ids = await self._tokenize(endpoint, body, text, rid)
         estimate = len(token_ids) if token_ids is not None else len(text) // 4 + 1
         salt = body.get("cache_salt")
@@ -224,7 +251,8 @@ class PDFlow:
                 return self._passthrough(got, rid)
             if got is not None:
                 kv_params, prefill_used = got
-        data = _decode_body(body, raw, kv_params)
+        data: bytes | Callable[[Worker], bytes] = _decode_body(body, raw, kv_params) \
+            if kv_params is not None else self._hinted_body(body, raw, rreq)
         tried = route.decode[: 1 + self.cfg.decode_retries]
         served = await self._decode(request, endpoint, stream, data, rreq, tried, headers, t0)
         if isinstance(served, list):
@@ -259,7 +287,7 @@ class PDFlow:
         order = (*first, *ordered)[: 1 + self.cfg.decode_retries]
         self._degraded(rreq.request_id, "decode",
                        f"{why}: prefill worker {order[0].id} serves the whole request")
-        data = _decode_body(body, raw, None)
+        data = self._hinted_body(body, raw, rreq)
         served = await self._decode(request, endpoint, body.get("stream") is True, data, rreq, order,
                                     headers, t0)
         if isinstance(served, list):
@@ -285,17 +313,28 @@ class PDFlow:
         if endpoint is Endpoint.CHAT:
             pbody["max_completion_tokens"] = 1
         pbody["kv_transfer_params"] = {"do_remote_decode": True}
-        data = json.dumps(pbody, separators=(",", ":")).encode()
+        plain = json.dumps(pbody, separators=(",", ":")).encode()
         cost = rreq.cost(Side.PREFILL)
         failures: list[str] = []
         for i, w in enumerate(workers[: 1 + self.cfg.prefill_retries]):
             if i:
                 self.metrics.retries.labels("prefill").inc()
+            hint = self.p2p.hint(rreq, w)
+            data = plain
+            if hint is not None:
+                log.debug("request %s: prefill worker %s may fetch %d chunks from %s", rreq.request_id,
+                          w.id, hint.extra_chunks, hint.worker_id)
+                data = json.dumps({**pbody, "kv_transfer_params": hint.params(remote_decode=True)},
+                                  separators=(",", ":")).encode()
+            computes = self._tokens_to_compute(rreq, w, hint.chunks if hint is not None else 0)
             self.registry.begin(w, cost)
+            t_call = time.perf_counter()
             try:
                 got = await self._prefill_once(w, endpoint, data, headers)
             finally:
                 self.registry.end(w, cost)
+            if not isinstance(got, (CallFailure, Passthrough)):
+                self.p2p.observe_prefill(computes, time.perf_counter() - t_call)
             if isinstance(got, CallFailure):
                 self._record_failure(w, Side.PREFILL, got, rreq.request_id)
                 failures.append(f"{w.id}: {got.kind} ({got.detail})")
@@ -313,6 +352,16 @@ class PDFlow:
         self.metrics.prefill_fallback.inc()
         self.metrics.count_degraded("prefill")
         return None
+
+    @staticmethod
+    def _tokens_to_compute(rreq: RouteRequest, w: Worker, fetched_chunks: int) -> int:
+        """Prompt tokens ``w`` will compute for ``rreq`` (what it and a hinted peer do not hold);
+        0 when unknown (no token ids): such calls do not measure the prefill rate."""
+        if rreq.token_ids is None:
+            return 0
+        keys = rreq.keys(w.key_space)
+        held = max(w.held_prefix(keys), min(fetched_chunks, len(keys))) if keys else 0
+        return max(0, rreq.prompt_tokens - held * w.key_space.chunk_tokens)
 
     async def _prefill_once(self, w: Worker, endpoint: Endpoint, data: bytes,
                             headers: dict[str, str]) -> Any:
@@ -340,16 +389,19 @@ class PDFlow:
         log.warning("request %s: %s worker %s failed: %s (%s)", rid, side.value, w.id, f.kind, f.detail)
         self.registry.record_failure(w, f"{f.kind}: {f.detail}", fatal=f.fatal)
 
-    async def _decode(self, request: web.Request, endpoint: Endpoint, stream: bool, data: bytes,
-                      rreq: RouteRequest, workers: Sequence[Worker], headers: dict[str, str],
+    async def _decode(self, request: web.Request, endpoint: Endpoint, stream: bool,
+                      body_for: bytes | Callable[[Worker], bytes], rreq: RouteRequest,
+                      workers: Sequence[Worker], headers: dict[str, str],
                       t0: float) -> tuple[web.StreamResponse, Worker] | list[CallFailure]:
         """The answer and the worker that gave it, or why each of ``workers`` failed before its
-        first byte (nothing was sent to the client then, so the caller may try elsewhere)."""
+        first byte (nothing was sent to the client then, so the caller may try elsewhere).
+        ``body_for`` is the request body, or gives it per worker (peer hints differ)."""
         cost = rreq.cost(Side.DECODE)
         failures: list[CallFailure] = []
         for i, w in enumerate(workers):
             if i:
                 self.metrics.retries.labels("decode").inc()
+            data = body_for if isinstance(body_for, bytes) else body_for(w)
             self.registry.begin(w, cost)
             upstream: UpstreamResponse | None = None
             try:

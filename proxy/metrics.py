@@ -62,6 +62,13 @@ class ProxyMetrics:
                                      "prompt chunks the chosen worker already held", registry=r)
         self.prompt_chunks = Counter("pdx_proxy_routed_prompt_chunks",
                                      "full prompt chunks of cache-aware routed requests", registry=r)
+        self.peer_hints = Counter(
+            "pdx_proxy_peer_hints", "requests sent to a worker holding less of the prefix than another "
+            "agent: decision=fetch (a hint named the holder) or recompute (the cost model said computing "
+            "is cheaper)", ["decision"], registry=r)
+        self.peer_hint_chunks = Counter(
+            "pdx_proxy_peer_hint_chunks", "chunks the target lacked and the holder had, by decision",
+            ["decision"], registry=r)
         self.disconnects = Counter("pdx_proxy_client_disconnects",
                                    "clients that went away before their answer was complete", registry=r)
         self.rejected = Counter("pdx_proxy_rejected", "requests refused before reaching a worker",
@@ -92,6 +99,10 @@ class ProxyMetrics:
 
     def count_degraded(self, missing: str) -> None:
         self._child(self.degraded, missing).inc()
+
+    def count_peer_hint(self, decision: str, chunks: int) -> None:
+        self._child(self.peer_hints, decision).inc()
+        self._child(self.peer_hint_chunks, decision).inc(chunks)
 
     def count_route(self, reason: str) -> None:
         self._child(self.routes, reason).inc()

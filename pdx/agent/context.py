@@ -28,6 +28,7 @@ from pdx.agent.metrics import AgentMetrics
 from pdx.config import AgentConfig
 from pdx.errors import IntegrityError, NotRegistered, ReservationError, StoreError
 from pdx.keys import ChunkKey
+from pdx.store.types import Tier
 
 if TYPE_CHECKING:
     from pdx.layout import KVLayout
@@ -82,19 +83,31 @@ def pin_keys(ctx: AgentContext, keys: list[bytes], owner: str, lease_s: float, o
     return _pin(ctx, store, keys, owner, lease_s, origin)
 
 
+#: owners of the pins the engine's connector takes to unpack a load (``load:<request id>``)
+LOAD_OWNER_PREFIX = "load:"
+
+
 def _pin(ctx: AgentContext, store: ChunkStore, keys: list[bytes], owner: str, lease_s: float,
          origin: str) -> list[list[Any]]:
-    pins = store.get([ChunkKey(k) for k in keys], lease_s=lease_s, owner=owner)
+    ckeys = [ChunkKey(k) for k in keys]
+    # an engine's load: note which tier held each chunk (a memory look-up) for loaded_tokens{source}
+    load = origin == "local" and owner.startswith(LOAD_OWNER_PREFIX)
+    where = store.lookup(ckeys).tiers if load else None
+    pins = store.get(ckeys, lease_s=lease_s, owner=owner)
     now = time.monotonic()
     out: list[list[Any]] = []
     n = 0
-    for k, p in zip(keys, pins):
+    for i, (k, p) in enumerate(zip(keys, pins)):
         if p is None:
             out.append([0, k, 0, 0, 0, 0, 0.0])
         else:
             n += 1
             out.append([p.lease_id, k, p.offset, p.nbytes, p.checksum, p.num_tokens,
                         round(p.expires_at - now, 3)])
+            if where is not None:
+                tier = where[i]
+                source = tier.value if tier in (Tier.L1, Tier.DISK, Tier.NIXL) else "shared"
+                ctx.metrics.loaded_tokens.labels(source=source).inc(p.num_tokens)
     if n:
         ctx.metrics.leases_granted.labels(origin=origin).inc(n)
     return out

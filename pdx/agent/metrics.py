@@ -95,6 +95,12 @@ class AgentMetrics:
         self.bytes = Counter("pdx_agent_transfer_bytes", "payload bytes moved by jobs", ["kind"], registry=r)
         self.transfer_seconds = Histogram("pdx_agent_transfer_seconds", "duration of fetch/send jobs",
                                           ["kind"], buckets=TRANSFER_BUCKETS, registry=r)
+        self.loaded_tokens = Counter(
+            "pdx_agent_loaded_tokens", "prompt tokens of the chunks this agent handed its engine for a load, by "
+            "source: l1 / disk / nixl (its own store, by the tier that held the chunk), shared (promoted from a "
+            "shared tier: redis, mooncake, s3), pd (fetched from the prefill agent of a P/D pair), "
+            "peer (fetched from another agent on the proxy's hint: peer-to-peer reuse)",
+            ["source"], registry=r)
         self.jobs_active = Gauge("pdx_agent_transfer_jobs_active", "jobs queued or running", registry=r)
         self.leases_granted = Counter("pdx_agent_leases_granted", "pins granted, by origin (local, peer)",
                                       ["origin"], registry=r)

@@ -82,13 +82,19 @@ def _all_pids() -> list[int]:
 class EngineShm:
     """The shared-memory segments of one engine launch; see the module docstring."""
 
-    def __init__(self, shm_dir: Path = SHM_DIR, prefix: str = ENGINE_SHM_PREFIX) -> None:
+    def __init__(self, shm_dir: Path = SHM_DIR, prefix: str | tuple[str, ...] = ENGINE_SHM_PREFIX,
+                 before: set[str] | None = None) -> None:
+        """``before``: names known not to be the engine's (default: what ``shm_dir`` holds now, the
+        right thing before a launch; an empty set for an engine that is already running)."""
         self.shm_dir = shm_dir
         self.prefix = prefix
-        try:
-            self._before = {n for n in os.listdir(shm_dir) if n.startswith(prefix)}
-        except OSError:
-            self._before = set()
+        if before is not None:
+            self._before = set(before)
+        else:
+            try:
+                self._before = {n for n in os.listdir(shm_dir) if n.startswith(prefix)}
+            except OSError:
+                self._before = set()
         self.owned: dict[str, int] = {}  # name -> inode seen while the engine mapped it
 
     def scan(self, engine_pid: int) -> None:

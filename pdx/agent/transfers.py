@@ -119,6 +119,7 @@ class Transfers:
             if p is not None:
                 results[k] = ChunkResult(k, ChunkStatus.PRESENT, p.offset, p.nbytes, p.checksum, p.num_tokens,
                                          p.lease_id)
+                ctx.metrics.loaded_tokens.labels(source="l1").inc(p.num_tokens)
             elif tiers is not None and tiers[i] is Tier.L1:
                 results[k] = ChunkResult(k, ChunkStatus.PRESENT)
             else:
@@ -146,7 +147,14 @@ class Transfers:
                     continue
                 ops.append(ChunkOp(res.offset, int(off), int(nb)))
                 moving.append((k, res.id, int(csum), int(ntok)))
-            return self._move(job, transport, link, OpKind.READ, ops, moving, results, store, pin)
+            moved = self._move(job, transport, link, OpKind.READ, ops, moving, results, store, pin)
+            if pin:  # an engine's load: count what came over the peer plane, by why it was fetched
+                source = "pd" if remote_owner else "peer"
+                tokens = sum(results[k].num_tokens for k in need
+                             if k in results and results[k].status is ChunkStatus.DONE)
+                if tokens:
+                    ctx.metrics.loaded_tokens.labels(source=source).inc(tokens)
+            return moved
         finally:
             if link is not None:
                 self._release_later(link, owner, remote_owner)

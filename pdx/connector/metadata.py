@@ -58,6 +58,11 @@ class LoadSpec:
     #: load inline, before this step's forward pass, and report nothing through
     #: ``get_finished`` (vLLM scheduled the request already): an L1 hit
     sync: bool = False
+    #: ``peer`` comes from the proxy's hint (peer-to-peer reuse), not from a P/D prefill: chunks
+    #: the peer does not deliver are then looked for in the local store's tiers before recompute
+    hint: bool = False
+    #: a CacheBlend load (``chunks`` is empty): assemble + blend, write ``[blend.start, blend.end)``
+    blend: BlendLoad | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -65,13 +70,49 @@ class LoadSpec:
 
 
 @dataclass(frozen=True)
+class BlendSegment:
+    """A cached segment of a blend load: prompt tokens ``[start, end)``, whose KV was computed at
+    positions ``base, base+1, ...`` and is stored as ``pieces`` (``(key, tokens)`` in order)."""
+
+    start: int
+    end: int
+    base: int
+    pieces: tuple[tuple[bytes, int], ...]
+
+
+@dataclass(frozen=True)
+class BlendLoad:
+    """What the worker needs to blend a request's region (``pdx.connector.blend``).
+
+    ``token_ids`` are the prompt's tokens ``[0, region_end)``; tokens ``[0, start)`` are already in
+    the request's blocks (vLLM's own prefix cache: exact); the pass produces ``[start, end)``.
+    Tokens of the region outside every segment (the rest of the anchor, gaps) have no cached KV
+    and are computed by the pass. Options as ``BlendOptions`` (policy by name).
+    """
+
+    token_ids: tuple[int, ...]
+    start: int
+    end: int
+    segments: tuple[BlendSegment, ...]
+    recompute_ratio: float
+    check_layer: int
+    policy: str
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class ChunkStore:
     """Pack chunk ``index``: tokens ``[index*chunk_tokens, (index+1)*chunk_tokens)``, or only
-    the first ``num_tokens`` of them for a tail chunk (0 = a full chunk)."""
+    the first ``num_tokens`` of them for a tail chunk (0 = a full chunk).
+
+    ``start >= 0``: the tokens are ``[start, start + num_tokens)`` instead (a CacheBlend segment
+    piece, stored under its own key; ``index`` is then only a label).
+    """
 
     index: int
     key: ChunkKey
     num_tokens: int = 0
+    start: int = -1
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,10 @@ puts its own fields under the ``"pdx"`` key:
   chunk keys (hex), plus the wire version.
 * The caller sends the same prompt with those params to the decode engine,
   whose connector fetches the chunks through its own agent.
+* Peer-to-peer reuse: when pdx-proxy sends a request (without ``do_remote_prefill``) to a
+  worker whose agent holds less of the prompt's prefix than another agent does, it adds
+  ``{"pdx": {"v": 2, "hint": {"agent": <peer address>, "chunks": <n>, "agent_id": <id>}}}``
+  (a ``PeerHint``): the worker's connector may fetch those leading chunks from that agent.
 
 Everything here is pure data (no vLLM, no sockets): ``parse_request_params``
 turns the raw dict into a typed ``RequestParams`` or raises
@@ -43,6 +47,8 @@ MAX_STR = 1024
 _REMOTE_FIELDS = {"v", "agent", "fingerprint", "chunk_tokens", "num_tokens", "keys", "namespace",
                   "request_id", "lease_s"}
 _REQUIRED = {"v", "agent", "fingerprint", "chunk_tokens", "num_tokens"}
+_HINT_BLOCK_FIELDS = {"v", "hint"}
+_HINT_FIELDS = {"agent", "chunks", "agent_id"}
 
 
 @dataclass(frozen=True)
@@ -126,16 +132,58 @@ class RemotePrefill:
 
 
 @dataclass(frozen=True)
+class PeerHint:
+    """The proxy's hint: the agent at ``agent`` (a peer address) holds the prompt's first
+    ``chunks`` chunks; a worker holding fewer may fetch them from it (peer-to-peer reuse).
+    Advice only: the worker checks nothing it cannot verify (the holder's session, fingerprint
+    and checksums are checked by the fetch), and a fetch that fails is recomputed."""
+
+    agent: str
+    chunks: int
+    agent_id: str = ""  # for logs
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"agent": self.agent, "chunks": self.chunks, "agent_id": self.agent_id}
+
+    @classmethod
+    def from_dict(cls, raw: object) -> PeerHint:
+        if not isinstance(raw, Mapping):
+            raise TransferParamsError(f"kv_transfer_params.pdx.hint: expected an object, got {_kind(raw)}")
+        unknown = sorted(set(raw) - _HINT_FIELDS)
+        if unknown:
+            raise TransferParamsError(f"kv_transfer_params.pdx.hint: unknown field {unknown[0]!r}; "
+                                      f"allowed: {', '.join(sorted(_HINT_FIELDS))}")
+        agent = _str(raw, "agent", "")
+        if not agent:
+            raise TransferParamsError("kv_transfer_params.pdx.hint.agent: missing or empty")
+        chunks = _int(raw, "chunks")
+        if not 0 < chunks <= MAX_KEYS:
+            raise TransferParamsError(
+                f"kv_transfer_params.pdx.hint.chunks: expected 1..{MAX_KEYS}, got {chunks}")
+        return cls(agent=agent, chunks=chunks, agent_id=_str(raw, "agent_id", ""))
+
+
+def hint_params(hint: PeerHint, remote_decode: bool = False) -> dict[str, Any]:
+    """The ``kv_transfer_params`` the proxy sends with a peer hint (``remote_decode``: a P/D
+    prefill request, which also keeps its chunks for the decode side)."""
+    out: dict[str, Any] = {"do_remote_decode": True} if remote_decode else {}
+    out[PDX_KEY] = {"v": PARAMS_VERSION, "hint": hint.to_dict()}
+    return out
+
+
+@dataclass(frozen=True)
 class RequestParams:
     """What a request's ``kv_transfer_params`` asks of pdx.
 
     ``remote_decode``: this (prefill) engine should keep the prompt's chunks for
     a decode engine and answer with a ``RemotePrefill``. ``remote``: this
     (decode) engine should load the prompt's KV from the prefill side it names.
+    ``hint``: another agent holds the prompt's leading chunks (peer-to-peer reuse).
     """
 
     remote_decode: bool = False
     remote: RemotePrefill | None = None
+    hint: PeerHint | None = None
 
 
 NO_PARAMS = RequestParams()
@@ -163,7 +211,21 @@ def parse_request_params(raw: object) -> RequestParams:
                 "kv_transfer_params: do_remote_prefill is set but there is no 'pdx' block "
                 "(params from another connector?)")
         remote = RemotePrefill.from_dict(block)
-    return RequestParams(remote_decode=remote_decode, remote=remote)
+    hint = None
+    if remote is None and isinstance(block, Mapping) and "hint" in block:
+        hint = _hint_block(block)
+    return RequestParams(remote_decode=remote_decode, remote=remote, hint=hint)
+
+
+def _hint_block(block: Mapping[str, Any]) -> PeerHint:
+    if block.get("v", PARAMS_VERSION) != PARAMS_VERSION:
+        raise TransferParamsError(
+            f"kv_transfer_params.pdx.v: this engine speaks version {PARAMS_VERSION}, got {block.get('v')!r}")
+    unknown = sorted(set(block) - _HINT_BLOCK_FIELDS)
+    if unknown:
+        raise TransferParamsError(f"kv_transfer_params.pdx: unknown field {unknown[0]!r} beside a hint; "
+                                  f"allowed: {', '.join(sorted(_HINT_BLOCK_FIELDS))}")
+    return PeerHint.from_dict(block["hint"])
 
 
 def response_params(remote: RemotePrefill) -> dict[str, Any]:

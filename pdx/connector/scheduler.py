@@ -14,7 +14,10 @@ What it decides:
   sample; the chunk holding it is loaded in part). For a decode request whose
   ``kv_transfer_params`` carry a pdx ``RemotePrefill`` it is the prefill side's
   token count (after checking fingerprint, chunk size and keys), tail chunk
-  included; otherwise the local store's leading run. Loads from a peer, disk or Redis are
+  included; with a proxy's ``PeerHint`` (peer-to-peer reuse) it is the hinted holder's
+  leading chunks when they are more than the local store's (the load fetches them from that
+  agent; chunks it fails to deliver are tried in the local store's tiers, then recomputed);
+  otherwise the local store's leading run. Loads from a peer, disk or Redis are
   asynchronous (vLLM parks the request until the worker reports the load done);
   a hit entirely in L1 is loaded synchronously by the worker in the step that
   computes the rest of the prompt (``sync_l1_loads``).
@@ -23,6 +26,12 @@ What it decides:
   whose KV this step's forward completes (stored by the worker in ``wait_for_save``).
 * ``finished``: for a prefill request that asked for remote decode, pins its
   chunks in the agent under a lease and returns the ``kv_transfer_params`` for decode.
+
+CacheBlend (``kv_transfer_params.pdx.blend``, see ``docs/cacheblend.md``): a storing request
+(``store``) also plans its segment's pieces (``ChunkStore.start``) once its forward computed them; a
+blending request whose pieces are all stored is offered its region as a synchronous load carrying a
+``BlendLoad``, gets a ``cache_salt`` of its own (``take_resalt``, applied by the connector), and never
+stores anything.
 
 Tail chunks (P/D only): a prompt whose length is not a multiple of the chunk size
 ends in a partial chunk. A prefill for remote decode also stores that tail, less the
@@ -41,7 +50,24 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from pdx.connector.metadata import ChunkLoad, ChunkStore, LoadSpec, StepPlan, StoreSpec
+from pdx.connector.blend.errors import BlendRequestError
+from pdx.connector.blend.request import (
+    BlendRequest,
+    anchor_id,
+    blend_cache_salt,
+    parse_blend,
+    segment_key,
+    segment_pieces,
+)
+from pdx.connector.metadata import (
+    BlendLoad,
+    BlendSegment,
+    ChunkLoad,
+    ChunkStore,
+    LoadSpec,
+    StepPlan,
+    StoreSpec,
+)
 from pdx.connector.params import (
     NO_PARAMS,
     RemotePrefill,
@@ -127,6 +153,7 @@ class _Req:
     #: how the last match was answered: (num_computed given, tokens offered, peer or "", sync)
     match: tuple[int, int, str, bool] | None = None
     remote_used: bool = False
+    hint_used: bool = False
     block_ids: list[int] = field(default_factory=list)
     #: next chunk index to store; chunks below it are stored or not ours to store
     store_next: int = 0
@@ -134,6 +161,20 @@ class _Req:
     tail: ChunkKey | None = None
     tail_tokens: int = 0
     tail_stored: bool = False
+    #: CacheBlend (``kv_transfer_params.pdx.blend``): the request, its prompt, each segment's pieces
+    blend: BlendRequest | None = None
+    tokens: list[int] = field(default_factory=list)
+    pieces: list[list[tuple[bytes, int]]] = field(default_factory=list)
+    #: the region was offered as blended: the request runs under its own salt and stores nothing
+    blended: bool = False
+    #: the cache_salt the connector must give the request (once, when it is first blended)
+    resalt: str = ""
+    #: the request's own cache_salt as it came (the tenant's)
+    salt: str = ""
+    #: the last blend offer: (num_computed given, tokens offered)
+    blend_match: tuple[int, int] | None = None
+    #: a storing request's segment has been planned for storing
+    segment_stored: bool = False
 
     @property
     def max_load(self) -> int:
@@ -149,10 +190,18 @@ class SchedulerStats:
     lookup_errors: int = 0
     hit_tokens: int = 0
     remote_tokens: int = 0
+    hint_tokens: int = 0
     bad_params: int = 0
     stored_chunks_planned: int = 0
     pins: int = 0
     pin_errors: int = 0
+    #: CacheBlend: requests asking to blend, regions offered as blended (and their tokens),
+    #: blends refused because a segment was not stored (or the request could not blend)
+    blend_requests: int = 0
+    blend_offers: int = 0
+    blend_tokens: int = 0
+    blend_misses: int = 0
+    segment_pieces_planned: int = 0
 
 
 class PdxSchedulerSide:
@@ -171,6 +220,12 @@ class PdxSchedulerSide:
     def matched_tokens(self, request: RequestLike, num_computed_tokens: int) -> tuple[int, bool]:
         """Tokens beyond ``num_computed_tokens`` that pdx will load asynchronously."""
         st = self._state(request)
+        st.blend_match = None
+        if st.blend is not None and not st.blend.store:
+            n = self._blend_tokens(st, num_computed_tokens)
+            if n:
+                st.match = None
+                return n, False  # the worker blends inline, before this step's forward
         ct = self.settings.chunk_tokens
         offered, peer = 0, ""  # tokens from the start of the prompt
         remote = st.params.remote
@@ -178,10 +233,17 @@ class PdxSchedulerSide:
             offered = self._remote_tokens(st, remote)
             if offered:
                 peer = remote.agent
-        local, in_l1 = self._local_chunks(st) if self.settings.reuse or remote is not None else (0, 0)
+        hint = st.params.hint if remote is None and not st.hint_used else None
+        local, in_l1 = self._local_chunks(st) if (self.settings.reuse or remote is not None
+                                                  or hint is not None) else (0, 0)
         st.stored_chunks = max(st.stored_chunks, local)
         if min(local * ct, st.max_load) >= offered:
             offered, peer = min(local * ct, st.max_load), ""
+        if hint is not None and hint.chunks > local:
+            # peer-to-peer reuse: the holder named by the proxy has more of the prefix than we do
+            hinted = min(min(hint.chunks, len(st.keys)) * ct, st.max_load)
+            if hinted > offered:
+                offered, peer = hinted, hint.agent
         tokens = offered - num_computed_tokens
         if tokens < max(1, self.settings.min_load_tokens):
             st.match = None
@@ -214,8 +276,94 @@ class PdxSchedulerSide:
             st.tail = tail_key(tokens, st.max_load, s.chunk_fingerprint, s.chunk_tokens, s.namespace, keys,
                                salt=salt)
             st.tail_tokens = st.max_load - len(keys) * s.chunk_tokens
+        if isinstance(request.kv_transfer_params, Mapping):
+            self._parse_blend(st, request.kv_transfer_params.get("pdx"), tokens, salt)
         self._reqs[request.request_id] = st
         return st
+
+    # --- CacheBlend ----------------------------------------------------------------------------
+
+    def _parse_blend(self, st: _Req, block: object, tokens: list[int], salt: str) -> None:
+        """Read ``pdx.blend``; a bad block is a log line and an ordinary (exact) request."""
+        if not isinstance(block, Mapping) or "blend" not in block:
+            return
+        s = self.settings
+        try:
+            req = parse_blend(block, len(tokens))
+        except BlendRequestError as exc:
+            self.stats.bad_params += 1
+            log.warning("request %s: ignoring its pdx.blend block, computing the prompt exactly: %s",
+                        st.req_id, exc)
+            return
+        if req is None:
+            return
+        if st.params.remote is not None or st.params.remote_decode:
+            log.warning("request %s: pdx.blend is not combined with P/D transfers; computing exactly",
+                        st.req_id)
+            return
+        anchor = anchor_id(tokens[:req.anchor])
+        # The tenant's salt is part of every segment key, as of every chunk key.
+        namespace = f"{s.namespace}|{salt}" if salt else s.namespace
+        st.blend = req
+        st.tokens = tokens
+        st.salt = salt
+        st.pieces = [segment_pieces(segment_key(s.chunk_fingerprint, anchor, tokens[a:b], namespace), b - a,
+                                    s.chunk_tokens) for a, b in req.segments]
+        if not req.store:
+            self.stats.blend_requests += 1
+
+    def _blend_tokens(self, st: _Req, num_computed_tokens: int) -> int:
+        """Tokens of the blend region beyond ``num_computed_tokens`` when every segment is stored."""
+        b = st.blend
+        assert b is not None
+        if num_computed_tokens >= b.region_end or self._agent is None:
+            return 0
+        keys = [k for seg in st.pieces for k, _ in seg]
+        try:
+            present, _ = self._agent.lookup_prefix(keys)
+        except PdxError as exc:
+            self.stats.lookup_errors += 1
+            log.warning("request %s: segment lookup failed (%s); computing exactly", st.req_id, exc)
+            return 0
+        if present < len(keys):
+            self.stats.blend_misses += 1
+            log.info("request %s: %d of %d segment pieces stored; not blending, computing exactly",
+                     st.req_id, present, len(keys))
+            return 0
+        if not st.blended:
+            st.blended = True
+            st.resalt = blend_cache_salt(st.req_id, st.salt)
+        n = b.region_end - num_computed_tokens
+        st.blend_match = (num_computed_tokens, n)
+        return n
+
+    def take_resalt(self, req_id: str) -> str:
+        """The ``cache_salt`` a just-blended request must get now (once), or ``""``.
+
+        The connector sets it on vLLM's request and re-hashes its blocks before vLLM allocates
+        them: vLLM's prefix cache then never hands a block of this request to another one."""
+        st = self._reqs.get(req_id)
+        if st is None or not st.resalt:
+            return ""
+        salt, st.resalt = st.resalt, ""
+        return salt
+
+    def cancel_blend(self, req_id: str) -> None:
+        """The connector could not give the request its own salt: never blend it."""
+        st = self._reqs.get(req_id)
+        if st is not None:
+            st.blend = None
+            st.blend_match = None
+
+    def _blend_load(self, st: _Req, start: int, end: int) -> BlendLoad:
+        b = st.blend
+        assert b is not None
+        segs = tuple(BlendSegment(start=a, end=e, base=b.anchor, pieces=tuple(p))
+                     for (a, e), p in zip(b.segments, st.pieces))
+        o = b.options
+        return BlendLoad(token_ids=tuple(st.tokens[:b.region_end]), start=start, end=end, segments=segs,
+                         recompute_ratio=o.recompute_ratio, check_layer=o.check_layer, policy=o.policy.value,
+                         seed=o.seed)
 
     def _remote_tokens(self, st: _Req, remote: RemotePrefill) -> int:
         """Leading prompt tokens the prefill side offers that this engine can use (at most
@@ -280,6 +428,16 @@ class PdxSchedulerSide:
         """Remember the request's blocks; plan the load vLLM accepted (``num_external_tokens``)."""
         st = self._state(request)
         st.block_ids = list(block_ids)
+        if st.blend_match is not None:
+            start, offered = st.blend_match
+            st.blend_match, st.match = None, None
+            if num_external_tokens > 0:
+                end = start + min(num_external_tokens, offered)
+                self._pending_loads.append(LoadSpec(req_id=st.req_id, block_ids=tuple(st.block_ids), chunks=(),
+                                                    sync=True, blend=self._blend_load(st, start, end)))
+                self.stats.blend_offers += 1
+                self.stats.blend_tokens += end - start
+            return
         match, st.match = st.match, None
         if num_external_tokens <= 0 or match is None:
             self._init_store(st, 0)
@@ -304,12 +462,16 @@ class PdxSchedulerSide:
                 end = lo
                 break
         remote = st.params.remote
+        from_hint = bool(peer) and remote is None
         spec = LoadSpec(req_id=st.req_id, block_ids=tuple(st.block_ids), chunks=tuple(chunks),
                         peer=peer, remote_request_id=remote.request_id if (peer and remote) else "",
-                        sync=sync)
+                        sync=sync, hint=from_hint)
         if chunks and chunks[-1].num_tokens:
             st.tail_stored = True  # the load commits it to the local store
-        if peer:
+        if from_hint:
+            st.hint_used = True
+            self.stats.hint_tokens += end - start
+        elif peer:
             st.remote_used = True
             self.stats.remote_tokens += end - start
         else:
@@ -353,10 +515,22 @@ class PdxSchedulerSide:
         return plan
 
     def _plan_store(self, plan: StepPlan, st: _Req, computed_after_step: int) -> None:
+        if st.blended:
+            return  # approximate KV (and all computed on top of it) is never stored
         ct = self.settings.chunk_tokens
         last = min(len(st.keys), computed_after_step // ct)
         chunks = [ChunkStore(index=i, key=st.keys[i]) for i in range(st.store_next, last)]
         end = last * ct
+        b = st.blend
+        if b is not None and b.store and not st.segment_stored and computed_after_step >= b.region_end:
+            # A storing request: its segment's exact KV, right after its anchor, under the segment's keys.
+            at = b.segments[0][0]
+            for i, (key, n) in enumerate(st.pieces[0]):
+                chunks.append(ChunkStore(index=-1 - i, key=ChunkKey(key), num_tokens=n, start=at))
+                at += n
+            st.segment_stored = True
+            self.stats.segment_pieces_planned += len(st.pieces[0])
+            end = max(end, b.region_end)
         # A prefill for remote decode also leaves its tail, once every full chunk is stored.
         tail = (st.tail is not None and not st.tail_stored and st.params.remote_decode
                 and max(last, st.store_next) >= len(st.keys) and computed_after_step >= st.max_load)

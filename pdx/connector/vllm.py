@@ -30,6 +30,7 @@ import logging
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -38,6 +39,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from pdx.config import ConnectorConfig, connector_config
@@ -78,6 +80,55 @@ def _route_logs_to_vllm() -> None:
     pdx_log.propagate = False
 
 
+#: worker counters exported through vLLM's Prometheus endpoint: stats field -> (metric, help)
+_BLEND_METRICS = {
+    "blend_loads": ("pdx_blend_requests", "Requests whose prompt region pdx blended from cached segments "
+                    "(CacheBlend; approximate KV unless r = 1)"),
+    "blend_tokens": ("pdx_blend_tokens", "Prompt tokens written from blended KV"),
+    "blend_recomputed": ("pdx_blend_recomputed_tokens", "Tokens the blend pass recomputed above its check layer"),
+    "blend_failures": ("pdx_blend_failures", "Blends that failed; vLLM recomputed those tokens exactly"),
+}
+
+
+@dataclass
+class PdxConnectorStats(KVConnectorStats):
+    """Counter increments since the last report (``_BLEND_METRICS`` keys), summed when aggregated."""
+
+    def reset(self) -> None:
+        self.data = {}
+
+    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        for k, v in other.data.items():
+            self.data[k] = self.data.get(k, 0) + v
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        return dict(self.data)
+
+    def is_empty(self) -> bool:
+        return not any(self.data.values())
+
+
+class PdxPromMetrics(KVConnectorPromMetrics):
+    """pdx's counters on vLLM's ``/metrics`` (``pdx_blend_tokens_total`` ...), per engine."""
+
+    def __init__(self, vllm_config: VllmConfig, metric_types: dict[Any, Any], labelnames: list[str],
+                 per_engine_labelvalues: dict[int, list[object]]) -> None:
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        from vllm.v1.metrics.utils import create_metric_per_engine
+
+        self._counters = {
+            key: create_metric_per_engine(self._counter_cls(name=name, documentation=doc, labelnames=labelnames),
+                                          per_engine_labelvalues)
+            for key, (name, doc) in _BLEND_METRICS.items()}
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        for key, per_engine in self._counters.items():
+            v = transfer_stats_data.get(key, 0)
+            if v and engine_idx in per_engine:
+                per_engine[engine_idx].inc(v)  # type: ignore[union-attr]
+
+
 class PdxConnectorMetadata(KVConnectorMetadata):
     """The step plan, as vLLM ships it from the scheduler to the workers."""
 
@@ -113,6 +164,7 @@ class PdxConnector(KVConnectorBase_V1):
         self._sources: dict[str, CacheHitSource] = {}
         self._idle_step = False
         self._clients: list[Any] = []
+        self._stats_sent: dict[str, int] = {}
         if role == KVConnectorRole.SCHEDULER:
             self._scheduler = self._make_scheduler(vllm_config)
 
@@ -262,6 +314,25 @@ class PdxConnector(KVConnectorBase_V1):
         done = self._worker.finished()
         return None, (done or None)
 
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        if self._worker is None:
+            return None
+        now = {k: int(getattr(self._worker.stats, k)) for k in _BLEND_METRICS}
+        delta = {k: v - self._stats_sent.get(k, 0) for k, v in now.items()}
+        if not any(delta.values()):
+            return None
+        self._stats_sent = now
+        return PdxConnectorStats(data=delta)
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        return PdxConnectorStats(data=dict(data) if data is not None else {})
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: VllmConfig, metric_types: dict[Any, Any], labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> KVConnectorPromMetrics | None:
+        return PdxPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_load_errors() if self._worker is not None else set()
 
@@ -275,6 +346,12 @@ class PdxConnector(KVConnectorBase_V1):
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         assert self._scheduler is not None
         n, load_async = self._scheduler.matched_tokens(request, num_computed_tokens)
+        salt = self._scheduler.take_resalt(request.request_id)
+        if salt and not _resalt(request, salt):
+            log.warning("request %s: cannot give it a cache_salt of its own in this vLLM; not blending",
+                        request.request_id)
+            self._scheduler.cancel_blend(request.request_id)
+            n, load_async = self._scheduler.matched_tokens(request, num_computed_tokens)
         return n, load_async
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
@@ -313,6 +390,25 @@ class PdxConnector(KVConnectorBase_V1):
         for client in self._clients:
             client.close()
         self._clients = []
+
+
+def _resalt(request: Any, salt: str) -> bool:
+    """Give a blended request its own ``cache_salt`` and re-hash its blocks.
+
+    Called in ``get_num_new_matched_tokens``, before vLLM allocates (and later caches) any block of
+    the request: the blocks vLLM's prefix cache already matched (exact KV of earlier requests) stay
+    as they are, every later block of this request is cached under hashes chained from the new salt,
+    so no other request is ever handed one of them. False when this vLLM's ``Request`` lacks the
+    fields (the caller then does not blend).
+    """
+    hashes = getattr(request, "block_hashes", None)
+    update = getattr(request, "update_block_hashes", None)
+    if not isinstance(hashes, list) or not callable(update) or not hasattr(request, "cache_salt"):
+        return False
+    request.cache_salt = salt
+    hashes.clear()
+    update()
+    return True
 
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")

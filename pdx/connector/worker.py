@@ -11,6 +11,9 @@ Runs in each vLLM worker process. Who calls what:
   them from disk or Redis), verifies each chunk's checksum, unpacks the leading
   good ones into the request's blocks in one batch and drops its pins. Every
   wait has a deadline.
+* A CacheBlend load (``LoadSpec.blend``) always runs inline: pin the segment pieces, check them,
+  read the exact prefix out of the request's blocks, run the blend pass with the engine's model
+  (``pdx.connector.blend.load``), unpack the region into the blocks; a failure is a load error.
 * ``store`` per step (``wait_for_save``, after the forward pass): reserves one
   slab per chunk, packs the chunk straight into it, commits with the checksum.
   Synchronous: when it returns the chunks are in the store, so the scheduler
@@ -34,6 +37,7 @@ thread; the loader thread shares only the locked result sets.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -148,6 +152,13 @@ class WorkerStats:
     stored_bytes: int = 0
     store_skipped: int = 0
     store_errors: int = 0
+    #: CacheBlend: regions blended, their tokens, tokens recomputed above the check layer,
+    #: blends that failed (their tokens are recomputed by vLLM), time spent blending
+    blend_loads: int = 0
+    blend_tokens: int = 0
+    blend_recomputed: int = 0
+    blend_failures: int = 0
+    blend_seconds: float = 0.0
 
 
 class PdxWorkerSide:
@@ -155,7 +166,8 @@ class PdxWorkerSide:
 
     def __init__(self, settings: WorkerSettings, agent: WorkerAgent, codec: Codec, pool: Pool,
                  layout: KVLayout, chunk_bytes: int,
-                 reattach: Callable[[], tuple[Codec, Pool, int]] | None = None) -> None:
+                 reattach: Callable[[], tuple[Codec, Pool, int]] | None = None,
+                 blend_model: Callable[[], Any] | None = None) -> None:
         self.settings = settings
         self.layout = layout
         self.stats = WorkerStats()
@@ -164,6 +176,7 @@ class PdxWorkerSide:
         self._pool = pool
         self._chunk_bytes = chunk_bytes
         self._reattach = reattach
+        self._blend_model = blend_model
         self._instance = agent.instance
         self._lock = threading.Lock()
         self._done = threading.Condition(self._lock)
@@ -198,6 +211,9 @@ class PdxWorkerSide:
         """Run the plan's synchronous loads (L1 hits: memory copies, bounded by the load
         deadline) and queue the asynchronous ones to the loader thread."""
         for spec in plan.loads:
+            if spec.blend is not None:
+                self._blend(spec)
+                continue
             if spec.sync:
                 t0 = time.perf_counter()
                 try:
@@ -269,7 +285,11 @@ class PdxWorkerSide:
         except PdxError as exc:
             log.warning("request %s: cannot get its chunks from %s: %s", spec.req_id,
                         spec.peer or "the local agent", exc)
-            return 0
+            if not spec.hint:
+                return 0
+            pins = []
+        if spec.hint:
+            pins = self._fill_from_store(spec, keys, list(pins), owner)
         try:
             batch: list[tuple[list[tuple[int, int, int]], np.ndarray]] = []
             bad_from: int | None = None if len(pins) >= len(spec.chunks) else len(pins)
@@ -287,6 +307,110 @@ class PdxWorkerSide:
                 self._agent.release(owner)
             except PdxError as exc:
                 log.debug("release %s: %s (the lease expires on its own)", owner, exc)
+
+    def _fill_from_store(self, spec: LoadSpec, keys: Sequence[bytes], pins: list[Any], owner: str) -> list[Any]:
+        """Peer-to-peer reuse: the chunks the hinted peer did not deliver (from the first one
+        missing on) are looked for in the local store, whose ``pin`` promotes them from its lower
+        tiers (disk, the shared tiers); what is found nowhere is recomputed."""
+        first = next((i for i, p in enumerate(pins) if not p.found), len(pins))
+        if first >= len(keys):
+            return pins
+        try:
+            more = self._agent.pin(keys[first:], owner=owner, lease_s=self.settings.lease_s)
+        except PdxError as exc:
+            log.info("request %s: the local store has none of the %d chunks the peer did not deliver: %s",
+                     spec.req_id, len(keys) - first, exc)
+            return pins[:first]
+        got = sum(1 for _ in itertools.takewhile(lambda p: p.found, more))
+        if got:
+            log.info("request %s: %d chunks the peer %s did not deliver came from the local store",
+                     spec.req_id, got, spec.peer)
+        return [*pins[:first], *more]
+
+    # --- CacheBlend ----------------------------------------------------------------------------
+
+    def _blend(self, spec: LoadSpec) -> None:
+        """Blend ``spec``'s region inline (before this step's forward). Any failure (a piece missing
+        or corrupt, a model the pass does not support, an error) reports the range's blocks as load
+        errors: vLLM recomputes them exactly, nothing approximate or wrong is decoded."""
+        b = spec.blend
+        assert b is not None
+        t0 = time.perf_counter()
+        recomputed: int | None = None
+        try:
+            recomputed = self._blend_load(spec)
+        except Exception as exc:
+            log.warning("request %s: blending failed (%s: %s); vLLM computes the prompt exactly", spec.req_id,
+                        type(exc).__name__, exc, exc_info=not isinstance(exc, PdxError))
+        seconds = time.perf_counter() - t0
+        if recomputed is None:
+            self.stats.blend_failures += 1
+            bad = blocks_of(spec.block_ids, self.settings.block_size, b.start, b.end)
+            with self._lock:
+                self._errors_ready |= bad
+            return
+        self.stats.blend_loads += 1
+        self.stats.blend_tokens += b.end - b.start
+        self.stats.blend_recomputed += recomputed
+        self.stats.blend_seconds += seconds
+        log.info("request %s: blended %d tokens (%d segments, %s r=%.2f, %d tokens recomputed) in %.1f ms",
+                 spec.req_id, b.end - b.start, len(b.segments), b.policy, b.recompute_ratio, recomputed,
+                 seconds * 1e3)
+
+    def _blend_load(self, spec: LoadSpec) -> int | None:
+        """Pin and check the segment pieces, blend, write ``[start, end)``; None when not possible."""
+        from pdx.connector.blend.load import ModelHandle, blend_region, cat_kv, kv_payload, payload_kv
+
+        b = spec.blend
+        assert b is not None
+        if self._blend_model is None:
+            self._blend_model = ModelHandle().get
+        model = self._blend_model()
+        self._check_agent()
+        ct, bs = self.settings.chunk_tokens, self.settings.block_size
+        owner = f"blend:{spec.req_id}"
+        keys = [k for seg in b.segments for k, _ in seg.pieces]
+        pins = self._agent.pin(keys, owner=owner, lease_s=self.settings.lease_s)
+        segments = []
+        try:
+            it = iter(pins)
+            for seg in b.segments:
+                parts = []
+                for key, n in seg.pieces:
+                    pin = next(it, None)
+                    if pin is None or not pin.found:
+                        log.info("request %s: segment piece %s is no longer stored", spec.req_id, key.hex()[:12])
+                        return None
+                    if pin.nbytes != self._bytes_of(n) or pin.num_tokens not in (0, n):
+                        log.warning("request %s: segment piece %s is %d bytes / %d tokens, expected %d / %d",
+                                    spec.req_id, key.hex()[:12], pin.nbytes, pin.num_tokens, self._bytes_of(n), n)
+                        return None
+                    data = self._pool.array(pin.offset, pin.nbytes)
+                    if self.settings.verify_checksums and checksum(data.data) != pin.checksum:
+                        self.stats.corrupt_chunks += 1
+                        log.warning("request %s: segment piece %s failed its checksum", spec.req_id, key.hex()[:12])
+                        return None
+                    parts.append(payload_kv(self.layout, data, n))
+                segments.append(cat_kv(parts))
+        finally:
+            try:
+                self._agent.release(owner)
+            except PdxError as exc:
+                log.debug("release %s: %s (the lease expires on its own)", owner, exc)
+        prefix = None
+        if b.start > 0:  # exact KV vLLM's own prefix cache gave the request: read it from its blocks
+            parts = []
+            for a in range(0, b.start, ct):
+                e = min(a + ct, b.start)
+                buf = np.empty(self._bytes_of(e - a), dtype=np.uint8)
+                self._codec.pack(token_spans(spec.block_ids, bs, a, e), buf)
+                parts.append(payload_kv(self.layout, buf, e - a))
+            prefix = cat_kv(parts)
+        kv, recomputed = blend_region(model, b, prefix, segments)
+        batch = [(token_spans(spec.block_ids, bs, a, min(a + ct, b.end)), kv_payload(self.layout, kv, a, min(a + ct, b.end)))
+                 for a in range(b.start, b.end, ct)]
+        self._codec.unpack_batch(batch)
+        return recomputed
 
     def _pins_remote(self, spec: LoadSpec, keys: Sequence[bytes], owner: str, deadline: float) -> list[Any]:
         """Fetch the chunks from the prefill agent into the local pool, pinned for ``owner``."""
@@ -397,7 +521,8 @@ class PdxWorkerSide:
                         log.debug("request %s: chunk %d not stored: %s", spec.req_id, chunk.index, res.error)
                     continue
                 out = self._pool.array(res.offset, self._bytes_of(n))
-                spans = token_spans(spec.block_ids, bs, chunk.index * ct, chunk.index * ct + n)
+                first = chunk.start if chunk.start >= 0 else chunk.index * ct
+                spans = token_spans(spec.block_ids, bs, first, first + n)
                 self._codec.pack(spans, out)
                 ids.append(res.id)
                 sums.append(checksum(out.data))

@@ -163,7 +163,7 @@ def cmd_up(args: argparse.Namespace, demo_only: bool = False) -> int:
         _say("serving; Ctrl-C (or 'pdx down') stops everything")
         try:
             while not stop.wait(1.0):
-                pass
+                dep.supervise()  # an agent that died is started again (it restarts its engine)
         except KeyboardInterrupt:
             pass
         _say("stopping")

@@ -17,6 +17,7 @@ blocking calls.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -35,6 +36,8 @@ from pdx.config import ENV_PREFIX, ProxyConfig, StoreConfig, TransportConfig, da
 from pdx.deploy import credentials
 from pdx.errors import ConfigError, PdxError
 from pdx.transport import ucx_env
+
+log = logging.getLogger("pdx.deploy")
 
 STATE_FILE = "deployment.json"
 PROXY_READY_PREFIX = "pdx-proxy: serving on "
@@ -111,6 +114,11 @@ class Deployment:
         self.served_model_name = cfg.served_model_name
         self.run_root: Path | None = None
         self.creds: credentials.Credentials | None = None
+        self._retry_at: dict[str, float] = {}  # worker -> when supervise() may restart its agent again
+        self._backoff: dict[str, float] = {}
+        #: worker -> (its agent's children: pid -> start time, the shared memory they mapped, scanned when)
+        self._engines: dict[str, tuple[dict[int, int], Any]] = {}
+        self._scanned: dict[str, tuple[float, float]] = {}  # worker -> (engine first seen, last scan)
         # PDX__ overrides were applied to this deployment's config, which is written out in full
         # for every child; passed on, they would be read again as keys of the children's configs.
         self.child_env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
@@ -252,6 +260,69 @@ class Deployment:
             time.sleep(0.2)
         raise PdxError(f"the proxy routes to {sorted(healthy)} but not yet to {sorted(want - healthy)}")
 
+    # --- supervision ---------------------------------------------------------------------------
+
+    #: first and longest wait between two restarts of a worker's agent that keeps exiting
+    RESTART_BACKOFF_S = (1.0, 60.0)
+
+    def supervise(self) -> list[str]:
+        """Restart the agent of every worker whose agent exited (a crash, a SIGKILL): the agent
+        launches its engine again and announces itself to the proxy. ``pdx up`` calls this about
+        once a second; each attempt blocks until the agent is ready (bounded by its start timeout),
+        and a worker whose agent keeps failing is retried with a doubling back-off. Returns the
+        names of the workers restarted now."""
+        from pdx.errors import AgentError
+
+        restarted = []
+        for name, worker in self.workers.items():
+            agent = worker.agent
+            if agent.alive():
+                if agent.proc is not None:  # its engine, should the agent die
+                    self._watch_engine(name, agent.pid)
+                continue
+            if time.monotonic() < self._retry_at.get(name, 0.0):
+                continue
+            code = agent.proc.returncode if agent.proc is not None else None
+            self.progress(f"{name}: pdx-agent exited (code {code}); restarting it")
+            agent.stop()  # reaps the old process, closes its pipe
+            engines, shm = self._engines.pop(name, ({}, None))
+            left = stop_left_engine(engines, shm)
+            if left:
+                self.progress(f"{name}: stopped the engine the dead agent left running (pid {', '.join(map(str, left))})")
+            try:
+                agent.start()
+            except AgentError as exc:
+                first, longest = self.RESTART_BACKOFF_S
+                wait = min(longest, self._backoff.get(name, first / 2) * 2)
+                self._backoff[name] = wait
+                self._retry_at[name] = time.monotonic() + wait
+                self.progress(f"{name}: pdx-agent did not start again ({exc}); next try in {wait:.0f} s")
+                continue
+            self._backoff.pop(name, None)
+            self._retry_at.pop(name, None)
+            restarted.append(name)
+            self.progress(f"{name}: pdx-agent restarted (pid {agent.pid}); it starts its engine again")
+        return restarted
+
+    def _watch_engine(self, name: str, agent_pid: int) -> None:
+        """Remember the agent's children (its engine) and the shared memory their process trees map:
+        should the agent die, nobody else knows which segments were its engine's. Scans every call
+        during an engine's first two minutes (vLLM makes its queues at start-up), then every 10 s."""
+        from pdx.agent.shm_reaper import EngineShm
+
+        children = {pid: started for pid in _children(agent_pid) if (started := _start_time(pid)) is not None}
+        known, shm = self._engines.get(name, ({}, None))
+        now = time.monotonic()
+        if children != known or shm is None:  # a new engine (or the agent restarted it): start over
+            shm = EngineShm(prefix=("psm_", "sem.mp-"), before=set())
+            self._scanned[name] = (now, 0.0)
+        self._engines[name] = (children, shm)
+        first, last = self._scanned[name]
+        if now - last >= (0.0 if now - first < 120.0 else 10.0):
+            for pid in children:
+                shm.scan(pid)
+            self._scanned[name] = (first, now)
+
     # --- stop ----------------------------------------------------------------------------------
 
     def stop(self) -> None:
@@ -320,6 +391,71 @@ def stop_running(workdir: Path, timeout_s: float = 60.0) -> dict[str, Any] | Non
             return state
         time.sleep(0.2)
     raise PdxError(f"deployment process {pid} did not stop within {timeout_s:.0f} s")
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", encoding="ascii") as f:
+                out.extend(int(c) for c in f.read().split())
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot): with the pid, the process's identity."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def stop_left_engine(engines: dict[int, int], shm: Any = None, timeout_s: float = 10.0) -> list[int]:
+    """Kill what a dead agent left running: its engine (``pid -> start time``, each leading its own
+    process group, as the agent launches it) and everything in that group, then remove the shared
+    memory those processes mapped (vLLM's ``psm_*`` queues, multiprocessing's ``sem.mp-*``; ``shm``,
+    a ``pdx.agent.shm_reaper.EngineShm`` that watched them while the agent lived, plus what they
+    map now) that no live process maps any more. The engine got SIGTERM when its agent died; a vLLM
+    server that still serves a request waits for it forever, its engine core gone, so it gets
+    SIGKILL here. Returns the pids killed. Bounded by ``timeout_s``."""
+    from pdx.agent.shm_reaper import EngineShm
+
+    if shm is None:
+        shm = EngineShm(prefix=("psm_", "sem.mp-"), before=set())
+    alive = [pid for pid, started in engines.items() if _start_time(pid) == started]
+    for pid in alive:
+        shm.scan(pid)
+    for pid in alive:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(_start_time(p) == engines[p] and _running(p) for p in alive):
+        time.sleep(0.1)
+    reaped = shm.reap()
+    if reaped:
+        log.info("removed the shared memory of the engine a dead agent left: %s", ", ".join(sorted(reaped)))
+    return alive
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _tail(path: Path, lines: int = 30) -> str:

@@ -279,7 +279,7 @@ class WorkerRegistry:
             return w
         old_space = w.key_space
         prev = w.announcement
-        if prev is not None and prev.agent_id == msg.agent_id and msg.seq and msg.seq < prev.seq:
+        if prev is not None and _late(prev, msg):
             return w  # a late, reordered heartbeat: keep the newer one
         was_out = not w.available(self.clock())
         w.announcement = msg
@@ -363,3 +363,19 @@ class WorkerRegistry:
                     names.update(dict.fromkeys(w.announcement.models))
                 names.update(dict.fromkeys(w.engine_models))
         return list(names)
+
+
+#: a heartbeat this far behind the last one is no late one (those are a few periods behind at most):
+#: its agent process started again, counting from 1
+RESTART_SEQ_GAP = 8
+
+
+def _late(prev: AgentAnnouncement, msg: AgentAnnouncement) -> bool:
+    """``msg`` is an older heartbeat of the agent process that sent ``prev``. Each agent process
+    counts ``seq`` from 1: a restarted agent (new ports, or a sequence far behind) is not late, or
+    the proxy would ignore it until its count passed the dead process's."""
+    if prev.agent_id != msg.agent_id or not msg.seq or msg.seq >= prev.seq:
+        return False
+    same_process = (prev.agent_url, prev.control_address, prev.transport_address) == (
+        msg.agent_url, msg.control_address, msg.transport_address)
+    return same_process and prev.seq - msg.seq < RESTART_SEQ_GAP

@@ -17,7 +17,8 @@ Fixtures:
 Engines (``ENGINES``): ``prefill`` (kv_producer, core 0), ``decode`` (kv_consumer, core 1) and
 ``both`` (kv_both, core 1; small L1 so chunks spill to disk and Redis; its transport corrupts every
 3rd received chunk, for the integrity test). vLLM's own prefix caching is off on all of them, so a
-hit can only come from pdx. Every process is stopped by PID at the end of the session.
+hit can only come from pdx; except ``blend`` (kv_both, core 1, CacheBlend's model handle on), which keeps
+it on to prove that blended blocks never reach other requests through it. Every process is stopped by PID at the end of the session.
 """
 
 from __future__ import annotations
@@ -60,7 +61,23 @@ PROMPTS: dict[str, tuple[int, int]] = {
     "reuse_whole_chunks": (12 * CHUNK_TOKENS, 110),
     "tenants": (PROMPT_TOKENS, 111),
     "shared_mooncake": (PROMPT_TOKENS, 112),
-    "shared_redis": (PROMPT_TOKENS, 113),
+    "p2p": (PROMPT_TOKENS, 113),
+    "p2p_dead_peer": (PROMPT_TOKENS, 114),
+    "shared_redis": (PROMPT_TOKENS, 115),
+}
+
+#: CacheBlend (``test_blend_connector.py``): parts ``(tokens, seed)``, and prompts composed of them
+#: (an anchor, documents, a question); their references come from plain vLLM like the others.
+BLEND_PARTS: dict[str, tuple[int, int]] = {
+    "anchor": (32, 120), "doc_a": (200, 121), "doc_b": (160, 122), "doc_c": (150, 123),
+    "q": (20, 124), "q2": (24, 125), "qs": (12, 126),
+}
+BLEND_PROMPTS: dict[str, tuple[str, ...]] = {
+    "blend_store_a": ("anchor", "doc_a", "qs"),
+    "blend_store_b": ("anchor", "doc_b", "qs"),
+    "blend_x": ("anchor", "doc_b", "doc_a", "q"),
+    "blend_y": ("anchor", "doc_a", "doc_b", "q2"),
+    "blend_z": ("anchor", "doc_c", "doc_a", "q"),
 }
 
 @dataclass(frozen=True)
@@ -70,6 +87,9 @@ class EngineSpec:
     store: dict[str, Any] = field(default_factory=dict)
     transport: dict[str, Any] = field(default_factory=dict)
     needs_redis: bool = False
+    #: ``VllmOptions`` overrides and engine environment on top of the defaults below
+    vllm: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
 
 
 ENGINES: dict[str, EngineSpec] = {
@@ -82,6 +102,10 @@ ENGINES: dict[str, EngineSpec] = {
                               "disk": {"enabled": True, "capacity": "1600KiB", "write": "evicted"},
                               "redis": {"enabled": True, "write": "evicted"}},
                        transport={"debug_corrupt_every": 3}, needs_redis=True),
+    # CacheBlend: the model handle on, and vLLM's own prefix cache ON (blended requests must
+    # never hand their blocks to later requests through it).
+    "blend": EngineSpec("both", "1", store={"l1": {"capacity": "32MiB"}}, vllm={"prefix_caching": True},
+                        env={"PDX_BLEND_HANDLE": "1"}),
 }
 
 
@@ -136,8 +160,8 @@ def make_engine(name: str, spec: EngineSpec, model: BuiltModel, root: Path, redi
     return AgentEngine(name, model.path, spec.role, root, cpu_bind=spec.cpu_bind, served_model_name="tiny",
                        store=store, transport=spec.transport,
                        # A fetch from a dead peer fails at this deadline: keeps the failure tests short.
-                       engine_env={"PDX__CONNECTOR__LOAD_TIMEOUT_S": str(LOAD_TIMEOUT_S)},
-                       vllm={"kv_cache_gib": 1, "max_model_len": 4096, "prefix_caching": False})
+                       engine_env={"PDX__CONNECTOR__LOAD_TIMEOUT_S": str(LOAD_TIMEOUT_S), **spec.env},
+                       vllm={"kv_cache_gib": 1, "max_model_len": 4096, "prefix_caching": False, **spec.vllm})
 
 
 
@@ -172,7 +196,11 @@ class PdxStack:
 
 @pytest.fixture(scope="session")
 def prompts(make_prompt: Callable[..., Any]) -> dict[str, list[int]]:
-    return {name: list(make_prompt(n, seed=seed).token_ids[:n]) for name, (n, seed) in PROMPTS.items()}
+    out = {name: list(make_prompt(n, seed=seed).token_ids[:n]) for name, (n, seed) in PROMPTS.items()}
+    parts = {name: list(make_prompt(n, seed=seed).token_ids[:n]) for name, (n, seed) in BLEND_PARTS.items()}
+    for name, names in BLEND_PROMPTS.items():
+        out[name] = [t for part in names for t in parts[part]]
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -223,3 +223,24 @@ def test_a_link_says_hello_again_before_the_peer_lets_its_session_lapse() -> Non
     assert link.stale(100.0 + SESSION_IDLE_S / 2 + 1)  # unused for long: the peer may have forgotten it
     link.used = 100.0 + SESSION_MAX_S
     assert link.stale(100.0 + SESSION_MAX_S)  # close to the token's absolute limit
+
+
+def test_loaded_tokens_count_each_source(world: World) -> None:
+    """``pdx_agent_loaded_tokens_total{source}``: a P/D fetch (it names the prefill's hand-off owner)
+    is ``pd``, a fetch on the proxy's hint is ``peer``, chunks already here are ``l1``."""
+    TOKENS = 16  # the store's chunk_tokens: put() commits full chunks
+
+    def loaded(source: str) -> float:
+        return world.ctx.metrics.value("pdx_agent_loaded_tokens_total", {"source": source})
+
+    pd_keys, hint_keys = [key(10 + i) for i in range(2)], [key(20 + i) for i in range(3)]
+    for i, k in enumerate([*pd_keys, *hint_keys]):
+        put(world.remote, k, i)
+    world.run(JobKind.FETCH, pd_keys, remote_owner="pd:prefill")
+    assert loaded("pd") == 2 * TOKENS and loaded("peer") == 0
+    world.run(JobKind.FETCH, hint_keys)
+    assert loaded("peer") == 3 * TOKENS and loaded("pd") == 2 * TOKENS
+    world.run(JobKind.FETCH, hint_keys)  # now here: nothing moves
+    assert loaded("l1") == 3 * TOKENS and loaded("peer") == 3 * TOKENS
+    world.run(JobKind.FETCH, [key(30)], pin=False)  # not an engine's load (a prefetch): not counted
+    assert loaded("peer") == 3 * TOKENS

@@ -218,3 +218,20 @@ def test_options_are_checked() -> None:
         BlendOptions(policy="best")  # type: ignore[arg-type]
     with pytest.raises(BlendRequestError, match="check_layer 9"):
         BlendOptions(check_layer=9).checked(4)
+
+
+def test_attention_cut_to_visible_keys_equals_the_masked_whole(hf: HFLlama) -> None:
+    from pdx.connector.blend import model as m
+
+    g = torch.Generator().manual_seed(3)
+    n = 700
+    q = torch.randn(n - 50, hf.num_heads, hf.head_dim, generator=g)
+    k = torch.randn(n, hf.num_kv_heads, hf.head_dim, generator=g)
+    v = torch.randn(n, hf.num_kv_heads, hf.head_dim, generator=g)
+    q_pos, k_pos = torch.arange(50, n), torch.arange(n)
+    rep = hf.num_heads // hf.num_kv_heads
+    whole = m._attend(hf, q, q_pos, k.repeat_interleave(rep, 1).transpose(0, 1)[None],
+                      v.repeat_interleave(rep, 1).transpose(0, 1)[None], k_pos)
+    assert rel(m.attend(hf, q, q_pos, k, v, k_pos), whole) < 1e-6
+    pick = torch.sort(torch.randperm(n - 50, generator=g)[:300]).values  # scattered queries, as above c
+    assert rel(m.attend(hf, q[pick], q_pos[pick], k, v, k_pos), whole[pick]) < 1e-6

@@ -53,3 +53,22 @@ def test_segment_keys() -> None:
     assert k not in chunk_keys(doc, "fp", 256)
     assert blend_cache_salt("r1") != blend_cache_salt("r2")
     assert blend_cache_salt("r1", "tenant").startswith("tenant|")
+
+
+def test_store_requests_and_segment_pieces() -> None:
+    from pdx.connector.blend.request import segment_pieces
+
+    req = parse_blend({"blend": {"segments": [[10, 300]], "store": True}}, 320)
+    assert req is not None and req.store and req.anchor == 10
+    assert parse_blend({"blend": {"segments": [[10, 300]]}}, 320).store is False  # type: ignore[union-attr]
+    with pytest.raises(BlendRequestError, match="store"):
+        parse_blend({"blend": {"segments": [[10, 300]], "store": 1}}, 320)
+    with pytest.raises(BlendRequestError, match="exactly one segment"):
+        parse_blend({"blend": {"segments": [[10, 100], [100, 300]], "store": True}}, 320)
+    with pytest.raises(BlendRequestError, match="exactly one segment"):
+        parse_blend({"blend": {"segments": [[20, 300]], "anchor": 10, "store": True}}, 320)
+    key = segment_key("fp", anchor_id([1, 2]), [5, 6, 7])
+    pieces = segment_pieces(key, 300, 128)
+    assert [n for _, n in pieces] == [128, 128, 44]
+    assert len({k for k, _ in pieces}) == 3 and key not in {k for k, _ in pieces}
+    assert segment_pieces(key, 300, 128) == pieces

@@ -415,3 +415,73 @@ def test_a_prefill_offers_its_tenants_keys(caplog: pytest.LogCaptureFixture) -> 
     want_full = list(chunk_keys(req.prompt_token_ids, FP, CT, salt="tenant-a"))
     want_tail = tail_key(req.prompt_token_ids, 3 * CT + 4, FP, CT, salt="tenant-a")
     assert keys == [*want_full, want_tail]
+
+
+# --- peer-to-peer reuse: the proxy's hint --------------------------------------------------------
+
+
+def _hint(chunks: int, agent: str = "tcp://127.0.0.1:7003") -> dict[str, Any]:
+    return {"pdx": {"v": 2, "hint": {"agent": agent, "chunks": chunks, "agent_id": "holder"}}}
+
+
+def test_a_hint_loads_the_holders_chunks_from_that_peer() -> None:
+    agent = FakeAgent(slab_size=4096)
+    side = _side(agent)
+    req = _req("h1", 1500, params=_hint(8))
+    _fill(agent, _keys(req)[:3])  # the local store holds 3 of the 8 hinted chunks
+    assert side.matched_tokens(req, 0) == (8 * CT, True)
+    assert side.pending_peer("h1") == "tcp://127.0.0.1:7003"
+    side.after_alloc(req, list(range(12)), 8 * CT)
+    (load,) = side.build_step(_out()).loads
+    assert load.peer == "tcp://127.0.0.1:7003" and load.hint and load.remote_request_id == ""
+    assert [c.index for c in load.chunks] == list(range(8))
+    assert side.stats.hint_tokens == 8 * CT and side.stats.remote_tokens == 0
+    # used once: a preempted request that comes back looks in the local store (which now has them)
+    assert side.pending_peer("h1") == ""
+    side.matched_tokens(req, 0)
+    assert side.pending_peer("h1") == ""
+
+
+def test_a_hint_is_ignored_when_the_local_store_holds_as_much() -> None:
+    agent = FakeAgent(slab_size=4096)
+    side = _side(agent)
+    req = _req("h2", 1500, params=_hint(4))
+    _fill(agent, _keys(req)[:6])
+    assert side.matched_tokens(req, 0) == (6 * CT, False)
+    assert side.pending_peer("h2") == ""
+
+
+def test_a_hint_works_with_reuse_off_and_is_capped_by_the_prompt() -> None:
+    side = _side(FakeAgent(slab_size=4096), reuse=False)
+    req = _req("h3", 1500, params=_hint(50))  # more than the prompt's 11 full chunks
+    assert side.matched_tokens(req, 0) == (11 * CT, True)
+    # a prefill for remote decode with a hint: loads from the holder, then keeps its chunks for decode
+    req2 = _req("h4", 1500, params={"do_remote_decode": True, **_hint(5)})
+    assert side.matched_tokens(req2, 0) == (5 * CT, True)
+
+
+@pytest.mark.parametrize("block", [
+    {"v": 2, "hint": {"agent": "", "chunks": 3}},
+    {"v": 2, "hint": {"agent": "tcp://x:1", "chunks": 0}},
+    {"v": 2, "hint": {"agent": "tcp://x:1", "chunks": 3, "bogus": 1}},
+    {"v": 3, "hint": {"agent": "tcp://x:1", "chunks": 3}},
+    {"v": 2, "hint": {"agent": "tcp://x:1", "chunks": 3}, "agent": "x"},
+    {"v": 2, "hint": ["tcp://x:1", 3]},
+])
+def test_a_malformed_hint_is_logged_and_recomputed(block: dict[str, Any],
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    side = _side(FakeAgent(slab_size=4096))
+    req = _req("h5", 1500, params={"pdx": block})
+    with caplog.at_level(logging.WARNING):
+        assert side.matched_tokens(req, 0) == (0, False)
+    assert side.stats.bad_params == 1 and "kv_transfer_params" in caplog.text
+
+
+def test_hint_params_round_trip() -> None:
+    from pdx.connector.params import PeerHint, hint_params
+
+    h = PeerHint("tcp://10.0.0.1:9100", 7, "prefill-0")
+    got = parse_request_params(hint_params(h, remote_decode=True))
+    assert got.hint == h and got.remote_decode and got.remote is None
+    # beside a RemotePrefill the prefill side's params win: no hint
+    assert parse_request_params(response_params(RemotePrefill("tcp://a:1", FP, CT, CT))).hint is None

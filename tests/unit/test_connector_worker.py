@@ -300,3 +300,39 @@ def test_sync_load_runs_inline_and_reports_errors_in_the_same_step() -> None:
     assert r.finished() == set() and r.loads_in_flight() == 0  # never reported as finished
     assert r.take_load_errors() == set(DST_BLOCKS[4:])
     r.close()
+
+
+def test_peer_hint_load_falls_back_to_the_local_store_then_recompute() -> None:
+    """Peer-to-peer reuse: chunks the hinted peer does not deliver come from the local store's tiers
+    (its pin promotes them); what neither has is recomputed, and nothing wrong is unpacked."""
+    src, dst = _caches(1), _caches(2)
+    holder = FakeAgent(slab_size=CHUNK, peer_address="tcp://p:3")
+    _stored(holder, src, n=2)  # the peer holds chunks 0-1 only
+    target = FakeAgent(slab_size=CHUNK)
+    _stored(target, src, n=3)  # the local store (as if from its shared tier) holds 0-2
+    for k in KEYS[:2]:
+        target.chunks.pop(k)  # ...but not 0-1 any more: those must come from the peer
+    r = _worker(target, dst)
+    chunks = tuple(ChunkLoad(i, KEYS[i], i * CT, (i + 1) * CT) for i in range(4))
+    r.start_loads(StepPlan(CT, BS, loads=[LoadSpec("h", tuple(DST_BLOCKS), chunks, peer="tcp://p:3",
+                                                   hint=True)]))
+    assert _wait_finished(r) == {"h"}
+    # chunk 3 is held nowhere: its blocks are recomputed; 0-1 came from the peer, 2 from the store
+    assert r.take_load_errors() == set(DST_BLOCKS[3 * CT // BS:])
+    assert np.array_equal(_tokens(dst, DST_BLOCKS, 0, 3 * CT), _tokens(src, SRC_BLOCKS, 0, 3 * CT))
+    assert r.stats.loaded_tokens == 3 * CT
+    assert "fetch" in target.calls and "pin" in target.calls
+    r.close()
+
+
+def test_a_p_d_load_does_not_fall_back_to_the_local_store() -> None:
+    src, dst = _caches(1), _caches(2)
+    prefill = FakeAgent(slab_size=CHUNK, peer_address="tcp://p:4")
+    _stored(prefill, src, n=2)
+    decode = FakeAgent(slab_size=CHUNK)
+    r = _worker(decode, dst)
+    r.start_loads(_load_plan(peer="tcp://p:4"))
+    _wait_finished(r)
+    assert r.take_load_errors() == set(DST_BLOCKS[2 * CT // BS:])
+    assert decode.calls.count("pin") == 0
+    r.close()

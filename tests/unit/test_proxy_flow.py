@@ -345,3 +345,91 @@ def test_utf16_body_reaches_decode_as_valid_json(cluster: Cluster) -> None:
     assert r.status_code == 200, r.text
     (d,) = [rec for w in cluster.decode for rec in w.received]
     assert d.body["prompt"] == "héllo" and d.body["kv_transfer_params"]["do_remote_prefill"] is True
+
+
+# --- peer-to-peer reuse: hints ---------------------------------------------------------------------
+
+_P2P_PROMPT = "".join(chr(97 + i % 26) * 16 for i in range(8)) + "tail"
+
+
+def _announce_agents(c: Cluster, held: dict[str, tuple[int, int]]) -> dict[str, str]:
+    """Announce an agent for each stand-in: ``held[name] = (chunks held, requests)``; returns each
+    worker's peer address."""
+    from pdx.keys import chunk_keys
+    from pdx.scheduler.messages import AgentAnnouncement, AgentLoad
+    from pdx.scheduler.summary import KeySummary
+
+    assert c.server is not None
+    keys = chunk_keys(list(_P2P_PROMPT.encode()), "fp-flow", 16)
+    addresses = {}
+    for i, w in enumerate((*c.prefill, *c.decode)):
+        n, requests = held.get(w.name, (0, 0))
+        addresses[w.name] = f"tcp://127.0.0.1:{9100 + i}"
+        worker = c.server.registry.by_url(w.url)
+        assert worker is not None
+        msg = AgentAnnouncement(
+            agent_id=f"agent-{w.name}", role=worker.role, engine_url=w.url, transport_address=addresses[w.name],
+            load=AgentLoad(requests=requests, pool_used_bytes=1024 * 16 * max(n, 1)),
+            chunk_fingerprint="fp-flow", chunk_tokens=16, keys=KeySummary.build(keys[:n]) if n else None,
+            heartbeat_s=30.0, seq=1)
+        c.bg.call(c.server.registry.announce, msg)
+    return addresses
+
+
+def test_prefill_on_a_worker_without_the_prefix_gets_a_hint_naming_the_busy_holder() -> None:
+    from pdx.config import PeerReuseConfig
+
+    cfg = CacheAwareConfig(chunk_tokens=16, max_imbalance=0, skip_prefill=False)
+    with Cluster(2, 1, policy="cache_aware", cache_aware=cfg, tokenizer=ByteTokenizer(),
+                 p2p=PeerReuseConfig(fetch_fixed_ms=0.0)) as c:
+        addr = _announce_agents(c, {"p0": (8, 3)})  # p0 holds the prefix but is busy
+        assert _post(c, _completion(prompt=_P2P_PROMPT)).status_code == 200
+        assert not c.prefill[0].received
+        (p,) = c.prefill[1].received
+        assert p.body["kv_transfer_params"] == {
+            "do_remote_decode": True,
+            "pdx": {"v": 2, "hint": {"agent": addr["p0"], "chunks": 8, "agent_id": "agent-p0"}}}
+        (d,) = c.decode[0].received  # decode gets the prefill's params, never a hint
+        assert "hint" not in json.dumps(d.body["kv_transfer_params"])
+        assert c.metric("pdx_proxy_peer_hints_total", decision="fetch") == 1
+        assert c.metric("pdx_proxy_peer_hint_chunks_total", decision="fetch") == 8
+
+
+def test_decode_computing_the_prompt_gets_a_hint_and_a_slow_link_means_recompute() -> None:
+    from pdx.config import PeerReuseConfig
+
+    cfg = CacheAwareConfig(chunk_tokens=16, max_imbalance=0)
+    with Cluster(0, 2, policy="cache_aware", cache_aware=cfg, tokenizer=ByteTokenizer(),
+                 p2p=PeerReuseConfig(fetch_fixed_ms=0.0)) as c:
+        addr = _announce_agents(c, {"d0": (8, 3)})  # d0 holds every full chunk but is busy
+        assert _post(c, _completion(prompt=_P2P_PROMPT)).status_code == 200
+        (d,) = c.decode[1].received
+        assert d.body["kv_transfer_params"] == {
+            "pdx": {"v": 2, "hint": {"agent": addr["d0"], "chunks": 8, "agent_id": "agent-d0"}}}
+    with Cluster(0, 2, policy="cache_aware", cache_aware=cfg, tokenizer=ByteTokenizer(),
+                 p2p=PeerReuseConfig(link_gbps=1e-6)) as c:
+        _announce_agents(c, {"d0": (8, 3)})
+        assert _post(c, _completion(prompt=_P2P_PROMPT)).status_code == 200
+        (d,) = c.decode[1].received
+        assert "kv_transfer_params" not in d.body
+        assert c.metric("pdx_proxy_peer_hints_total", decision="recompute") == 1
+
+
+def test_peer_hints_work_with_a_policy_that_ignores_the_cache() -> None:
+    """round_robin never looks at caches, but with a tokenizer configured the proxy still computes the
+    prompt's keys for peer hints: whichever worker it picks fetches what another agent holds."""
+    from pdx.config import PeerReuseConfig
+
+    cfg = CacheAwareConfig(chunk_tokens=16, tokenizer="configured")  # ByteTokenizer() stands in for it
+    with Cluster(2, 1, policy="round_robin", cache_aware=cfg, tokenizer=ByteTokenizer(),
+                 p2p=PeerReuseConfig(fetch_fixed_ms=0.0)) as c:
+        addr = _announce_agents(c, {"p1": (8, 0)})
+        assert _post(c, _completion(prompt=_P2P_PROMPT)).status_code == 200
+        (p,) = c.prefill[0].received  # round_robin's first pick, without the prefix
+        assert p.body["kv_transfer_params"]["pdx"]["hint"]["agent"] == addr["p1"]
+    with Cluster(2, 1, policy="round_robin", cache_aware=CacheAwareConfig(chunk_tokens=16),
+                 tokenizer=ByteTokenizer(), p2p=PeerReuseConfig(fetch_fixed_ms=0.0)) as c:
+        _announce_agents(c, {"p1": (8, 0)})  # no tokenizer configured: no keys, no hint
+        assert _post(c, _completion(prompt=_P2P_PROMPT)).status_code == 200
+        (p,) = c.prefill[0].received
+        assert p.body["kv_transfer_params"] == {"do_remote_decode": True}

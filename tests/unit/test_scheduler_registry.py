@@ -126,6 +126,22 @@ def test_reordered_heartbeat_is_ignored() -> None:
     assert w.load_requests == 5
 
 
+def test_a_restarted_agent_is_heard_although_its_count_starts_again() -> None:
+    clock = Clock()
+    reg = _registry(clock)
+    url = "http://127.0.0.1:8200"
+    old = {"agent_url": "http://127.0.0.1:9001", "transport_address": "127.0.0.1:9002"}
+    reg.announce(_ann(url, seq=400, load=AgentLoad(requests=5), **old))
+    # the agent died and started again: new ports, its count from 1
+    w = reg.announce(_ann(url, seq=1, load=AgentLoad(requests=1), agent_url="http://127.0.0.1:9101",
+                          transport_address="127.0.0.1:9102"))
+    assert w.load_requests == 1
+    # the same ports (configured), but the count far behind: a new process too
+    reg.announce(_ann(url, seq=300, **old))
+    w = reg.announce(_ann(url, seq=2, load=AgentLoad(requests=3), **old))
+    assert w.load_requests == 3
+
+
 def test_health_checks_move_workers_out_and_back() -> None:
     reg = _registry(Clock())
     w = reg.get("dec")

@@ -116,11 +116,14 @@ def assemble(model: BlendModel, num_tokens: int, prefix: list[LayerKV] | None,
 
 
 def blend_pass(model: BlendModel, ids: torch.Tensor, region: Assembled,
-               options: BlendOptions) -> BlendResult:
-    """Repair ``region`` for tokens ``ids`` (``[N]``) as ``options`` say; see the module docstring."""
+               options: BlendOptions, *, in_place: bool = False) -> BlendResult:
+    """Repair ``region`` for tokens ``ids`` (``[N]``) as ``options`` say; see the module docstring.
+
+    ``in_place``: write the repaired KV into ``region.kv`` itself (no copy of the whole region;
+    ``region`` is then used up)."""
     options.checked(model.num_layers)
     n, p = int(ids.shape[0]), region.prefix_len
-    kv = [(k.clone(), v.clone()) for k, v in region.kv]
+    kv = region.kv if in_place else [(k.clone(), v.clone()) for k, v in region.kv]
     empty = torch.empty(0)
     if p >= n or (options.recompute_ratio == 0.0 and bool(region.cached[p:].all())):
         return BlendResult(kv=kv, recomputed=torch.empty(0, dtype=torch.long), deviation=empty)

@@ -1,6 +1,8 @@
 """vLLM's Llama with one addition: it records itself as this process's model (``handle.record``).
 
 Imported by vLLM's model registry only when the blend handle is switched on (``handle.register``).
+The constructor keeps vLLM's own signature (keyword-only ``vllm_config`` and ``prefix``): vLLM
+inspects it to tell current model classes from old-style ones.
 """
 
 from __future__ import annotations
@@ -13,6 +15,6 @@ from pdx.connector.blend.handle import record
 
 
 class HandleLlamaForCausalLM(LlamaForCausalLM):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, *, vllm_config: Any, prefix: str = "", **kwargs: Any) -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
         record(self)

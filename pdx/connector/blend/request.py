@@ -6,6 +6,11 @@ A request asks for blending under ``kv_transfer_params.pdx.blend``::
      "anchor": 64,                          # optional: tokens [0, anchor) are the anchor
      "recompute_ratio": 0.15, "check_layer": 1, "policy": "hkvd_k", "seed": 0}   # optional
 
+A request that *stores* a segment says ``"store": true``, with one segment right after its anchor
+(``{"segments": [[64, 700]], "store": true}``): it is computed exactly, like any other request,
+and the segment's KV is stored under its segment key as well (in pieces of at most
+``chunk_tokens`` tokens, ``segment_pieces``).
+
 Segments come from the request (a client, or a proxy that received documents as separate
 message parts), never from separator strings. Each segment is cached once as its KV computed
 right after its anchor (BOS, or a system prompt), and found again by ``segment_key``: a hash of
@@ -32,7 +37,7 @@ from pdx.connector.blend.policy import BlendOptions, parse_policy
 #: the key of the blend block inside ``kv_transfer_params["pdx"]``
 BLEND_KEY = "blend"
 MAX_SEGMENTS = 64
-_FIELDS = {"segments", "anchor", "recompute_ratio", "check_layer", "policy", "seed"}
+_FIELDS = {"segments", "anchor", "recompute_ratio", "check_layer", "policy", "seed", "store"}
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,8 @@ class BlendRequest:
     anchor: int
     segments: tuple[tuple[int, int], ...]
     options: BlendOptions
+    #: store the (single, in-context) segment instead of blending
+    store: bool = False
 
     @property
     def region_end(self) -> int:
@@ -84,6 +91,12 @@ def parse_blend(pdx_params: Mapping[str, Any] | None, num_prompt_tokens: int,
     if at >= num_prompt_tokens:
         raise BlendRequestError(f"pdx.blend.segments end at {at}, but the prompt has {num_prompt_tokens} "
                                 "tokens: at least its last token must follow the segments")
+    store = raw.get("store", False)
+    if not isinstance(store, bool):
+        raise BlendRequestError("pdx.blend.store must be true or false")
+    if store and (len(spans) != 1 or spans[0][0] != anchor):
+        raise BlendRequestError("pdx.blend.store: a storing request names exactly one segment, starting "
+                                "at the anchor (its KV must be computed right after the anchor)")
     opts = defaults or BlendOptions()
     try:
         if "recompute_ratio" in raw:
@@ -98,7 +111,7 @@ def parse_blend(pdx_params: Mapping[str, Any] | None, num_prompt_tokens: int,
         if isinstance(exc, BlendRequestError):
             raise
         raise BlendRequestError(f"pdx.blend: bad option value: {exc}") from None
-    return BlendRequest(anchor=anchor, segments=tuple(spans), options=opts)
+    return BlendRequest(anchor=anchor, segments=tuple(spans), options=opts, store=store)
 
 
 def anchor_id(anchor_tokens: Sequence[int] | np.ndarray) -> bytes:
@@ -114,6 +127,21 @@ def segment_key(chunk_fingerprint: str, anchor: bytes, segment_tokens: Sequence[
     """
     seed = f"pdx-blend/1|{chunk_fingerprint}|{namespace}|".encode()
     return xxhash.xxh3_128_digest(seed + anchor + np.asarray(segment_tokens, dtype="<u4").tobytes())
+
+
+def segment_pieces(key: bytes, num_tokens: int, chunk_tokens: int) -> list[tuple[bytes, int]]:
+    """The stored pieces of a segment of ``num_tokens`` tokens: ``(piece key, tokens)`` in order.
+
+    A pool slab holds at most ``chunk_tokens`` tokens, so a segment is stored as consecutive
+    pieces of that size (the last one shorter). Piece keys derive from the segment key.
+    """
+    if num_tokens <= 0 or chunk_tokens <= 0:
+        raise ValueError("a segment and a chunk hold at least one token")
+    out = []
+    for i, at in enumerate(range(0, num_tokens, chunk_tokens)):
+        out.append((xxhash.xxh3_128_digest(b"pdx-blend-piece/1|" + key + i.to_bytes(4, "little")),
+                    min(chunk_tokens, num_tokens - at)))
+    return out
 
 
 def blend_cache_salt(request_id: str, salt: str | None = None) -> str:

@@ -62,7 +62,7 @@ class Rope:
         if isinstance(delta, int):
             if delta == 0:
                 return k
-            d = torch.full((k.shape[0],), delta, dtype=torch.float64)
+            d = torch.tensor([float(delta)], dtype=torch.float64)  # one angle set, broadcast over tokens
         else:
             if not bool(delta.any()):
                 return k
@@ -70,7 +70,7 @@ class Rope:
         rd = self.rotary_dim
         if k.shape[-1] < rd:
             raise BlendUnsupported(f"head size {k.shape[-1]} is smaller than the rotary dim {rd}")
-        ang = d[:, None] * self.inv_freq[None, :]  # [T, rd/2], float64
+        ang = d[:, None] * self.inv_freq[None, :]  # [T or 1, rd/2], float64
         cos = torch.cat((ang.cos(), ang.cos()), dim=-1)[:, None, :]
         sin = torch.cat((ang.sin(), ang.sin()), dim=-1)[:, None, :]
         x = k[..., :rd].to(torch.float64)
