@@ -4,7 +4,8 @@ Rows (GB = 1e9 bytes, medians of ``--repeats`` rounds):
 
 * ``mooncake_put_gbps`` / ``mooncake_get_gbps`` — chunks written in place into
   L1 slabs (not timed), committed and written behind to the Mooncake tier until
-  ``flush``; then ``get`` on a second agent's store (empty L1) in batches of
+  ``flush`` (zero-copy: ``batch_put_from_multi_buffers`` of header arena + slab,
+  both registered with the client); then ``get`` on a second agent's store (empty L1) in batches of
   ``--shared-batch``, promoting into its slabs with checksums. Baseline: the raw
   ``MooncakeDistributedStore`` client ``put_batch`` / ``get_batch`` of the same
   payloads in the same batches, against the same ``mooncake_master`` (started
@@ -132,7 +133,9 @@ def bench_mooncake(args: argparse.Namespace, report: Report) -> None:
     total = n * size
     extra = {"chunks": n, "chunk_bytes": size, "batch": batch, "protocol": "tcp", "target_ratio": 0.8}
     report.add(Result("mooncake_put_gbps", gbps(total, median(put_s)), "GB/s", "mooncake_raw_put_batch_gbps",
-                      gbps(total, median(wbase_s)), extra={**extra, "includes": PUT_INCLUDES}))
+                      gbps(total, median(wbase_s)),
+                      extra={**extra, "includes": PUT_INCLUDES,
+                             "put_path": "batch_put_from_multi_buffers from the registered L1 pool"}))
     report.add(Result("mooncake_get_gbps", gbps(total, median(get_s)), "GB/s", "mooncake_raw_get_batch_gbps",
                       gbps(total, median(rbase_s)), extra={**extra, "includes": GET_INCLUDES}))
     report.add(Result("remote_lookup_us", median(lookup_s) * 1e6, "us", "mooncake_raw_batch_is_exist_us",

@@ -136,11 +136,14 @@ class RedisConfig:
     retry_after_s: float = doc_field(2.0, "after a failure, calls are misses for this long")
     queue_depth: int = doc_field(64, "chunks waiting to be written before new ones are dropped")
     batch_size: int = doc_field(16, "chunks per pipelined write")
+    lookup_timeout_s: float = doc_field(
+        0.5, "the most a remote lookup waits for this tier; slower is a miss there while the other tiers "
+        "still answer (keep it below the connector's lookup_timeout_s)")
 
     def validate(self) -> None:
         if not self.url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(f"url: expected redis://HOST:PORT/DB, rediss://... or unix://PATH, got {self.url!r}")
-        _positive(self, "socket_timeout_s", "max_connections", "batch_size")
+        _positive(self, "socket_timeout_s", "max_connections", "batch_size", "lookup_timeout_s")
         _not_negative(self, "ttl_s", "retry_after_s", "queue_depth")
 
 
@@ -163,6 +166,13 @@ class MooncakeConfig:
     queue_depth: int = doc_field(64, "chunks waiting to be written before new ones are dropped")
     batch_size: int = doc_field(16, "chunks per batched put or get")
     timeout_s: float = doc_field(5.0, "longest wait for one call to the store; longer is a miss")
+    lookup_timeout_s: float = doc_field(
+        0.5, "the most a remote lookup waits for this tier; slower is a miss there while the other tiers "
+        "still answer (keep it below the connector's lookup_timeout_s)")
+
+    def validate(self) -> None:
+        _positive(self, "timeout_s", "batch_size", "lookup_timeout_s")
+        _not_negative(self, "retry_after_s", "queue_depth")
 
 
 @dataclass(frozen=True)
@@ -180,6 +190,13 @@ class S3Config:
     retry_after_s: float = doc_field(2.0, "after a failure, calls are misses for this long")
     queue_depth: int = doc_field(64, "chunks waiting to be written before new ones are dropped")
     batch_size: int = doc_field(16, "chunks per write batch (written concurrently)")
+    lookup_timeout_s: float = doc_field(
+        0.5, "the most a remote lookup waits for this tier; slower is a miss there while the other tiers "
+        "still answer (keep it below the connector's lookup_timeout_s)")
+
+    def validate(self) -> None:
+        _positive(self, "timeout_s", "batch_size", "max_in_flight", "lookup_timeout_s")
+        _not_negative(self, "retry_after_s", "queue_depth")
 
 
 @dataclass(frozen=True)

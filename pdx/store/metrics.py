@@ -49,6 +49,9 @@ class StoreMetrics:
         drops = Counter("pdx_store_write_drops",
                         "write-behind chunks dropped: queue full, tier full or failing",
                         ["tier"], registry=r)
+        lookup_late = Counter("pdx_store_lookup_timeouts",
+                              "remote lookups a tier did not answer within its lookup_timeout_s "
+                              "(a miss there; the other tiers still answered)", ["tier"], registry=r)
         self.expired_leases = Counter("pdx_store_expired_leases",
                                       "pins released because their lease ran out", registry=r)
         self.expired_reservations = Counter(
@@ -79,6 +82,7 @@ class StoreMetrics:
         self.integrity_failures = {t: integrity.labels(t) for t in tiers}
         self.tier_errors = {t: errors.labels(t) for t in tiers}
         self.write_drops = {t: drops.labels(t) for t in tiers}
+        self.lookup_timeouts = {t: lookup_late.labels(t) for t in tiers}
 
     def bind_usage(self, tier: Tier, used: Callable[[], float], capacity: Callable[[], float],
                    chunks: Callable[[], float]) -> None:

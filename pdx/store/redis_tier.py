@@ -25,11 +25,10 @@ connection pool of ``max_connections``); writes run on the tier's writer thread.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis
 from redis.backoff import NoBackoff
@@ -39,16 +38,17 @@ from pdx.config import RedisConfig
 from pdx.errors import ConfigError
 from pdx.keys import ChunkKey
 from pdx.store.metrics import StoreMetrics
-from pdx.store.tier import LowerTier, Sink, WriteItem
-from pdx.store.types import ChunkMeta, Tier
-from pdx.store.value import HEADER_SIZE, CorruptValue, copy_verified, pack_header
+from pdx.store.remote import Refusal, RemoteTier, ServerHealth
+from pdx.store.tier import WriteItem
+from pdx.store.types import Tier
+from pdx.store.value import HEADER_SIZE, pack_header
 
 log = logging.getLogger(__name__)
 
 _FAILURES = (redis.RedisError, OSError)
 
 
-class RedisTier(LowerTier):
+class RedisTier(RemoteTier):
     """L3 on a Redis/Valkey server. See the module docstring."""
 
     tier = Tier.REDIS
@@ -56,9 +56,8 @@ class RedisTier(LowerTier):
     def __init__(self, config: RedisConfig, *, chunk_fingerprint: str, data_dir: Path | None,
                  metrics: StoreMetrics, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(metrics, config.queue_depth, batch_size=config.batch_size)
-        self.read_batch = max(1, config.batch_size)
+        self.lookup_timeout_s = config.lookup_timeout_s
         self._cfg = config
-        self._clock = clock
         self._prefix = config.key_prefix.encode()
         self._ex = config.ttl_s or None
         try:
@@ -73,116 +72,32 @@ class RedisTier(LowerTier):
         except ValueError as exc:
             raise ConfigError(f"store.redis.url: {exc}") from exc
         self._client = redis.Redis(connection_pool=self._pool)
-        self._state = threading.Lock()
-        self._down_since: float | None = None
-        self._retry_at = 0.0
-        self._refusing = False  # the server answers writes with errors (writer thread only)
-        self._call("connecting", lambda: self._client.ping())
+        # redis-py bounds every call with its socket timeouts: calls run inline
+        self._health = ServerHealth(self._label, config.url, metrics, clock, config.retry_after_s,
+                                    config.socket_timeout_s, _FAILURES, workers=0)
+        self._health.call("connecting", lambda: self._client.ping())
         self._start_writer()
 
     def name_of(self, key: ChunkKey) -> bytes:
         return self._prefix + key.hex().encode()
 
-    @property
-    def reachable(self) -> bool:
-        """False while the tier treats the server as gone (until the next retry succeeds)."""
-        return self._down_since is None
+    # --- client calls (under ServerHealth) -------------------------------------------------------
 
-    # --- health ------------------------------------------------------------------------------
+    def _exists(self, names: list[Any]) -> list[bool]:
+        pipe = self._client.pipeline(transaction=False)
+        for name in names:
+            pipe.exists(name)
+        return [bool(r) for r in pipe.execute()]
 
-    def _call(self, what: str, fn: Callable[[], Any]) -> tuple[bool, Any]:
-        """Run ``fn`` unless the server is marked down: ``(ok, result)``. Never raises."""
-        if self._down_since is not None and self._clock() < self._retry_at:
-            return False, None
-        try:
-            result = fn()
-        except _FAILURES as exc:
-            self._failed(what, exc)
-            return False, None
-        if self._down_since is not None:
-            with self._state:
-                if self._down_since is not None:
-                    log.warning("redis tier: %s reachable again after %.1fs", self._cfg.url,
-                                self._clock() - self._down_since)
-                    self._down_since = None
-        return True, result
+    def _get(self, names: list[Any]) -> Sequence[bytes | None]:
+        return cast("list[bytes | None]", self._client.mget(names))
 
-    def _failed(self, what: str, exc: BaseException) -> None:
-        self.metrics.tier_errors[self._label].inc()
-        with self._state:
-            now = self._clock()
-            self._retry_at = now + self._cfg.retry_after_s
-            if self._down_since is None:
-                self._down_since = now
-                log.warning("redis tier: %s failed while %s (%s: %s); serving misses and retrying "
-                            "every %.1fs", self._cfg.url, what, type(exc).__name__, exc,
-                            self._cfg.retry_after_s)
+    def _remove(self, names: list[Any]) -> None:
+        self._client.delete(*names)
 
-    # --- reads -------------------------------------------------------------------------------
-
-    def exists(self, keys: Sequence[ChunkKey]) -> list[bool]:
-        if not keys:
-            return []
-
-        def run() -> list[Any]:
-            pipe = self._client.pipeline(transaction=False)
-            for k in keys:
-                pipe.exists(self.name_of(k))
-            return pipe.execute()
-
-        ok, res = self._call("checking keys", run)
-        return [bool(r) for r in res] if ok else [False] * len(keys)
-
-    def read(self, keys: Sequence[ChunkKey], sink: Sink) -> list[ChunkMeta | None]:
-        if not keys:
-            return []
-        names = [self.name_of(k) for k in keys]
-        ok, values = self._call("reading", lambda: self._client.mget(names))
-        if not ok:
-            return [None] * len(keys)
-        out: list[ChunkMeta | None] = []
-        bad: list[bytes] = []
-        for i, value in enumerate(values):
-            out.append(None if value is None else self._deliver(i, names[i], value, sink, bad))
-        if bad:
-            self._call("deleting corrupt chunks", lambda: self._client.delete(*bad))
-        return out
-
-    def _deliver(self, i: int, name: bytes, value: bytes, sink: Sink, bad: list[bytes]) -> ChunkMeta | None:
-        try:
-            meta = copy_verified(value, lambda m: sink(i, m))
-        except CorruptValue as exc:
-            self._corrupt(name, str(exc), bad)
-            return None
-        if meta is not None:
-            self.metrics.bytes_out[self._label].inc(meta.nbytes)
-        return meta
-
-    def _corrupt(self, name: bytes, why: str, bad: list[bytes]) -> None:
-        log.warning("redis tier: %s: %s; deleted", name.decode(errors="replace"), why)
-        self.metrics.integrity_failures[self._label].inc()
-        bad.append(name)
-
-    # --- writes (writer thread) --------------------------------------------------------------
-
-    def write_batch(self, items: list[WriteItem]) -> None:
-        ok, results = self._call("writing", lambda: self._send_sets(items))
-        if not ok:
-            self.metrics.write_drops[self._label].inc(len(items))
-            return
-        written = 0
-        for item, res in zip(items, results):
-            if isinstance(res, Exception):  # e.g. OOM: the server refused this value
-                if not self._refusing:
-                    log.warning("redis tier: the server refused a chunk (%s); such chunks are dropped "
-                                "until a write succeeds again", res)
-                    self._refusing = True
-                self.metrics.tier_errors[self._label].inc()
-                self.metrics.write_drops[self._label].inc()
-            else:
-                written += item.meta.nbytes
-                self._refusing = False
-        self.metrics.bytes_in[self._label].inc(written)
+    def _put(self, items: list[WriteItem]) -> list[Refusal]:
+        # a SET the server refused (e.g. OOM) comes back as its exception; the rest went in
+        return [str(r) if isinstance(r, Exception) else None for r in self._send_sets(items)]
 
     def _send_sets(self, items: list[WriteItem]) -> list[Any]:
         """Pipelined SETs with the payload sent straight from its buffer.

@@ -36,10 +36,10 @@ from pdx.config import S3Config
 from pdx.errors import BackendUnavailable, ConfigError
 from pdx.keys import ChunkKey
 from pdx.store.metrics import StoreMetrics
-from pdx.store.remote import ServerHealth
-from pdx.store.tier import LowerTier, Sink, WriteItem
-from pdx.store.types import ChunkMeta, Tier
-from pdx.store.value import CorruptValue, copy_verified, pack_header
+from pdx.store.remote import Refusal, RemoteTier, ServerHealth
+from pdx.store.tier import WriteItem
+from pdx.store.types import Tier
+from pdx.store.value import pack_header
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +70,11 @@ def _credential_provider(environ_has_keys: bool) -> Any:
         return None
 
 
-class S3Tier(LowerTier):
+class S3Tier(RemoteTier):
     """A remote tier on S3-compatible object storage. See the module docstring."""
 
     tier = Tier.S3
+    _remove_verb = "deleting"
 
     def __init__(self, config: S3Config, *, chunk_fingerprint: str, data_dir: Path | None,
                  metrics: StoreMetrics, clock: Callable[[], float] = time.monotonic,
@@ -82,7 +83,7 @@ class S3Tier(LowerTier):
         if not config.bucket:
             raise ConfigError("store.tiers: an s3 tier needs a bucket")
         super().__init__(metrics, config.queue_depth, batch_size=config.batch_size)
-        self.read_batch = max(1, config.batch_size)
+        self.lookup_timeout_s = config.lookup_timeout_s
         self._cfg = config
         self._ob = obstore
         # obstore raises FileNotFoundError for a 404 (its NotFoundError in some versions)
@@ -120,17 +121,9 @@ class S3Tier(LowerTier):
     def name_of(self, key: ChunkKey) -> str:
         return self._prefix + key.hex()
 
-    @property
-    def reachable(self) -> bool:
-        return self._health.reachable
+    # --- client calls (under ServerHealth; each batch fans out on the request pool) ---------------
 
-    # --- reads -------------------------------------------------------------------------------
-
-    def exists(self, keys: Sequence[ChunkKey]) -> list[bool]:
-        if not keys:
-            return []
-        names = [self.name_of(k) for k in keys]
-
+    def _exists(self, names: list[Any]) -> list[bool]:
         def head(name: str) -> bool:
             try:
                 self._ob.head(self._store, name)
@@ -138,54 +131,28 @@ class S3Tier(LowerTier):
                 return False
             return True
 
-        ok, res = self._health.call("checking keys", lambda: list(self._io.map(head, names)))
-        return list(res) if ok and res is not None else [False] * len(keys)
+        return list(self._io.map(head, names))
 
-    def read(self, keys: Sequence[ChunkKey], sink: Sink) -> list[ChunkMeta | None]:
-        if not keys:
-            return []
-        names = [self.name_of(k) for k in keys]
-
+    def _get(self, names: list[Any]) -> Sequence[bytes | None]:
         def get(name: str) -> bytes | None:
             try:
                 return bytes(self._ob.get(self._store, name).bytes())
             except self._not_found:
                 return None
 
-        ok, values = self._health.call("reading", lambda: list(self._io.map(get, names)))
-        if not ok or values is None:
-            return [None] * len(keys)
-        return [None if v is None else self._deliver(i, names[i], v, sink) for i, v in enumerate(values)]
+        return list(self._io.map(get, names))
 
-    def _deliver(self, i: int, name: str, value: bytes, sink: Sink) -> ChunkMeta | None:
-        try:
-            meta = copy_verified(value, lambda m: sink(i, m))
-        except CorruptValue as exc:
-            self._corrupt(name, str(exc))
-            return None
-        if meta is not None:
-            self.metrics.bytes_out[self._label].inc(meta.nbytes)
-        return meta
+    def _remove(self, names: list[Any]) -> None:
+        self._ob.delete(self._store, names)
 
-    def _corrupt(self, name: str, why: str) -> None:
-        log.warning("s3 tier: %s: %s; deleting it", name, why)
-        self.metrics.integrity_failures[self._label].inc()
-        self._health.call("deleting a corrupt chunk", lambda: self._ob.delete(self._store, name))
-
-    # --- writes (writer thread) --------------------------------------------------------------
-
-    def write_batch(self, items: list[WriteItem]) -> None:
-        def put(item: WriteItem) -> None:
+    def _put(self, items: list[WriteItem]) -> list[Refusal]:
+        def put(item: WriteItem) -> Refusal:
             # obstore takes one buffer: header and payload joined (one copy of the chunk)
             self._ob.put(self._store, self.name_of(item.key), b"".join((pack_header(item.meta), item.data)))
+            return None
 
-        ok, _ = self._health.call("writing", lambda: list(self._io.map(put, items)))
-        if not ok:
-            self.metrics.write_drops[self._label].inc(len(items))
-            return
-        self.metrics.bytes_in[self._label].inc(sum(it.meta.nbytes for it in items))
+        return list(self._io.map(put, items))
 
     def close(self, drain_s: float = 5.0) -> None:
         super().close(drain_s)
-        self._health.close()
         self._io.shutdown(wait=False, cancel_futures=True)

@@ -41,6 +41,7 @@ from pdx.keys import ChunkKey, chunk_keys
 from pdx.layout import KVLayout
 from pdx.store.eviction import make_policy
 from pdx.store.index import Entry, L1Index, Lease
+from pdx.store.lookup import RemoteLookups
 from pdx.store.metrics import StoreMetrics
 from pdx.store.pool import SlabPool, copy_and_hash, round_slab_size, sweep_stale
 from pdx.store.tier import TIERS, LowerTier
@@ -107,9 +108,13 @@ class ChunkStore:
                 self.tiers.append(tier)
                 self._writeback.add(tier, cfg.write)
                 self.metrics.bind_usage(tier.tier, tier.used_bytes, tier.capacity_bytes, tier.chunk_count)
+            for tier in self.tiers:
+                tier.use_pool(self.pool.buffer)
         except BaseException:
             self.close()
             raise
+        remote = self.remote_tiers
+        self._remote_lookups = RemoteLookups(self.metrics, 4 * len(remote)) if remote else None
         idx = self._index
         self.metrics.bind_usage(Tier.L1, lambda: idx.used_bytes,
                                 lambda: count * self._slab_size, lambda: len(idx.entries))
@@ -334,8 +339,9 @@ class ChunkStore:
         """Which tier holds each key, and how many leading keys are present.
 
         L1 and the local tiers only (memory dict lookups) unless ``remote``: then
-        keys found nowhere locally are asked of each remote tier in turn (one
-        batched existence check per tier, bounded by its timeout).
+        keys found nowhere locally are asked of every remote tier at once (one
+        batched existence check per tier); a tier that does not answer within its
+        ``lookup_timeout_s`` is a miss for this lookup, the others still count.
         """
         entries = self._index.entries
         local = self.local_tiers
@@ -347,15 +353,17 @@ class ChunkStore:
                 else:
                     tiers.append(next((t.tier for t in local if t.has(k)), None))
         searched = [Tier.L1] + [t.tier for t in local]
-        if remote:
-            for rt in self.remote_tiers:
-                searched.append(rt.tier)
-                missing = [i for i, t in enumerate(tiers) if t is None]
-                if not missing:
+        missing = [i for i, t in enumerate(tiers) if t is None]
+        if remote and missing and self._remote_lookups is not None:
+            # every remote tier at once, each within its own budget; the first in list order wins
+            rts = self.remote_tiers
+            searched += [rt.tier for rt in rts]
+            answers = self._remote_lookups.exists(rts, [keys[i] for i in missing])
+            for rt, there in zip(rts, answers):
+                if there is None:
                     continue
-                there = rt.exists([keys[i] for i in missing])
                 for i, yes in zip(missing, there):
-                    if yes:
+                    if yes and tiers[i] is None:
                         tiers[i] = rt.tier
         prefix = 0
         for t in tiers:
@@ -383,7 +391,10 @@ class ChunkStore:
         n = len(keys)
         pins: list[Pin | None] = [None] * n
         local = self.local_tiers
-        usable = local + (self.remote_tiers if remote else [])
+        lookups = self._remote_lookups
+        # a remote tier whose lookup is hanging past its budget would hang this load too: skip it
+        usable = local + ([t for t in self.remote_tiers if lookups is None or not lookups.stuck(t)]
+                          if remote else [])
         pending: list[int] = []  # not in L1, maybe in a lower tier
         with self._lock:
             self._check_open()
@@ -565,6 +576,9 @@ class ChunkStore:
             if self._closed:
                 return
             self._closed = True
+        lookups = getattr(self, "_remote_lookups", None)
+        if lookups is not None:
+            lookups.close()
         for tier in getattr(self, "tiers", ()):
             tier.close(self.config.drain_s)
         if hasattr(self, "pool"):

@@ -24,6 +24,9 @@ verified. Its contract, for ``ChunkStore``:
   finished with ``item.data`` (written or failed), without holding any tier lock.
 * ``flush(timeout_s)``: wait until every queued item was handled.
 * ``close()``: drain for a bounded time, stop the writer, release resources.
+* ``use_pool(buffer)``: optional; the L1 pool, for tiers that send from it in place.
+* ``lookup_timeout_s``: the most a remote lookup waits for this tier; past it the
+  tier counts as a miss for that lookup while the others still answer.
 
 Thread-safety: every method may be called from any thread.
 """
@@ -52,12 +55,17 @@ Sink = Callable[[int, ChunkMeta], memoryview | None]
 
 @dataclass(slots=True)
 class WriteItem:
-    """One chunk to write behind. ``data`` stays valid until ``done`` is called."""
+    """One chunk to write behind. ``data`` stays valid until ``done`` is called.
+
+    ``offset``: where ``data`` lies in the L1 pool (a pinned slab), or -1 for a copy
+    elsewhere; a tier that registered the pool (``use_pool``) sends such data without a copy.
+    """
 
     key: ChunkKey
     data: memoryview | bytes
     meta: ChunkMeta
     done: Callable[[], None] | None = None
+    offset: int = -1
 
 
 class LowerTier(ABC):
@@ -68,6 +76,10 @@ class LowerTier(ABC):
     local: ClassVar[bool] = False
     #: keys per ``read`` call the store makes (bounds the memory of one reply)
     read_batch: int = 8
+    #: the most ``ChunkStore.lookup(remote=True)`` waits for this tier's ``exists``
+    lookup_timeout_s: float = 0.5
+    #: how long the writer waits for a batch to fill before writing a partial one
+    gather_s: float = 0.0
 
     def __init__(self, metrics: StoreMetrics, queue_depth: int, batch_size: int = 1) -> None:
         self.metrics = metrics
@@ -99,6 +111,11 @@ class LowerTier(ABC):
     @abstractmethod
     def write_batch(self, items: list[WriteItem]) -> None:
         """Write ``items`` (called on the writer thread only). Failures are logged and counted."""
+
+    def use_pool(self, buffer: memoryview) -> None:
+        """The L1 pool's bytes, given once by the store before any write (the pool outlives the
+        tier). A tier whose client can move registered memory without a copy registers it here."""
+        return None
 
     @property
     def reachable(self) -> bool:
@@ -157,6 +174,9 @@ class LowerTier(ABC):
                     self._cond.wait()
                 if not self._queue:
                     return
+                if self.gather_s > 0 and len(self._queue) < self._batch:
+                    # chunks of one request are committed moments apart: one full batch, not several
+                    self._cond.wait_for(lambda: len(self._queue) >= self._batch or self._closing, self.gather_s)
                 batch = [self._queue.popleft() for _ in range(min(self._batch, len(self._queue)))]
             try:
                 self.write_batch(batch)

@@ -15,7 +15,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from pdx.checksum import checksum
+from pdx.store.pool import copy_and_hash
 from pdx.store.types import ChunkMeta
 
 __all__ = ["HEADER_SIZE", "MAGIC", "VERSION", "CorruptValue", "copy_verified", "pack_header", "pack_value",
@@ -55,19 +55,21 @@ class CorruptValue(ValueError):
 
 
 def copy_verified(value: bytes, dest_of: Callable[[ChunkMeta], Any]) -> ChunkMeta | None:
-    """Check ``value`` (header, then the payload's checksum) and copy its payload into ``dest_of(meta)``.
+    """Check ``value``'s header, copy its payload into ``dest_of(meta)`` and check the copy's checksum.
 
-    Returns the chunk's meta, or None when ``dest_of`` gave no destination. Raises ``CorruptValue``.
+    The payload is hashed while it is copied (one pass, ``copy_and_hash``). Returns the chunk's
+    meta, or None when ``dest_of`` gave no destination. Raises ``CorruptValue``; the destination
+    then holds bytes that must not be used (the store gives that slab back).
     """
     try:
         meta, payload = unpack_value(value)
     except ValueError as exc:
         raise CorruptValue(str(exc)) from exc
     with payload:
-        if checksum(payload) != meta.checksum:
-            raise CorruptValue("payload checksum mismatch")
         dest = dest_of(meta)
         if dest is None:
             return None
-        dest[: meta.nbytes] = payload
+        with memoryview(dest).cast("B")[: meta.nbytes] as target:
+            if copy_and_hash(target, payload) != meta.checksum:
+                raise CorruptValue("payload checksum mismatch")
     return meta

@@ -67,7 +67,8 @@ class WriteBack:
             with self._lock:
                 self._index.unpin(lid)
 
-        item = WriteItem(entry.key, view, ChunkMeta(entry.nbytes, entry.checksum, entry.num_tokens), done)
+        item = WriteItem(entry.key, view, ChunkMeta(entry.nbytes, entry.checksum, entry.num_tokens), done,
+                         offset=self._pool.slab_offset(entry.slab))
         if not tier.submit(item):
             view.release()
             self._index.unpin(lease.id)

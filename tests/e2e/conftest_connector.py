@@ -63,6 +63,7 @@ PROMPTS: dict[str, tuple[int, int]] = {
     "shared_mooncake": (PROMPT_TOKENS, 112),
     "p2p": (PROMPT_TOKENS, 113),
     "p2p_dead_peer": (PROMPT_TOKENS, 114),
+    "shared_redis": (PROMPT_TOKENS, 115),
 }
 
 #: CacheBlend (``test_blend_connector.py``): parts ``(tokens, seed)``, and prompts composed of them

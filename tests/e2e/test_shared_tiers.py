@@ -1,12 +1,13 @@
-"""Reuse across instances on real vLLM: two engines share a Mooncake Store (Redis is listed after it).
+"""Reuse across instances on real vLLM: two engines share a Mooncake Store (and Redis, second case).
 
 A prompt is prefilled on engine A; the same prompt then goes to engine B, whose L1
 never held it: B loads its KV from the shared tier. Greedy output equals plain
 vLLM's; B's vLLM counts the tokens as loaded (external prefix cache hits) and B's
-agent counts the hits in that tier. (A second case, Redis serving once the
-Mooncake master is killed, is not here yet: the first lookup after the kill
-outlasts the connector's lookup budget, so B recomputes instead of reaching Redis.) Engines: kv_both, one core each, vLLM's own prefix
-cache off, both tiers ``write: all`` so a chunk is shared as soon as it is computed.
+agent counts the hits in that tier. In the second case the Mooncake master is
+gone (killed mid-run): B's Mooncake lookups are misses within their own budget,
+and Redis, next in the tier list, serves the chunks. Engines: kv_both, one core
+each, vLLM's own prefix cache off, both tiers ``write: all`` so a chunk is shared
+as soon as it is computed.
 """
 
 from __future__ import annotations
@@ -110,3 +111,10 @@ def test_b_reuses_what_a_computed_through_mooncake(fleet: Fleet, prompts: dict[s
                                                    complete: Callable[..., dict[str, Any]]) -> None:
     _serve_on_b(fleet, prompts["shared_mooncake"], references["shared_mooncake"], "mooncake", complete)
 
+
+
+def test_b_reuses_through_redis_when_the_mooncake_master_is_gone(
+        fleet: Fleet, prompts: dict[str, list[int]], references: dict[str, list[int]],
+        complete: Callable[..., dict[str, Any]]) -> None:
+    fleet.master.stop(kill=True)
+    _serve_on_b(fleet, prompts["shared_redis"], references["shared_redis"], "redis", complete)

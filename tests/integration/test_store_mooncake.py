@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pdx.checksum import checksum
-from pdx.config import L1Config, MooncakeConfig, StoreConfig
+from pdx.config import L1Config, MooncakeConfig, RedisConfig, StoreConfig
 from pdx.keys import ChunkKey
 from pdx.store import ChunkMeta, ChunkStore, Tier
 from pdx.store.value import pack_header
@@ -65,6 +65,22 @@ def test_round_trip_between_two_agents_sharing_one_master(mooncake_master: Moonc
         b.release_owner("req")
         # b promoted them into its L1: a second get is served there, not from the shared tier
         assert b.lookup(keys[:6]).l1_prefix_chunks == 6
+    finally:
+        a.close()
+        b.close()
+
+
+def test_evicted_chunks_go_through_the_copying_put(mooncake_master: MooncakeMaster) -> None:
+    # write: evicted hands the tier a copy (not a pinned slab): put_batch, not the zero-copy path
+    a = make(mooncake_master, slabs=2, write="evicted")
+    b = make(mooncake_master)
+    try:
+        for i in range(4):
+            a.put(key(i), payload(i), num_tokens=16)
+        assert a.flush(10)
+        assert a.metrics.value("pdx_store_bytes_in_total", {"tier": "mooncake"}) == 2 * SLAB  # 0 and 1 left L1
+        pins = b.get([key(0), key(1)], owner="req")
+        assert pinned_bytes(b, pins) == [payload(0), payload(1)]
     finally:
         a.close()
         b.close()
@@ -147,9 +163,65 @@ def test_corrupt_value_is_caught_by_the_checksum(mooncake_master: MooncakeMaster
         s.close()
 
 
-def test_an_unreachable_master_at_start_is_a_clear_error(mooncake_master: MooncakeMaster) -> None:
-    from pdx.errors import StoreError
-
+def test_agent_starts_while_the_master_is_down_and_joins_when_it_comes_up(
+        mooncake_master: MooncakeMaster, caplog: pytest.LogCaptureFixture) -> None:
     mooncake_master.stop()
-    with pytest.raises(StoreError, match=r"the master at 127\.0\.0\.1:\d+ is not reachable"):
-        make(mooncake_master, timeout_s=1.0)
+    with caplog.at_level(logging.WARNING, logger="pdx.store"):
+        s = make(mooncake_master, timeout_s=1.0)  # no error: the tier starts unjoined
+    try:
+        tier = s.tier(Tier.MOONCAKE)
+        assert tier is not None and tier.reachable is False and tier.joined is False  # type: ignore[attr-defined]
+        assert "is not joined" in caplog.text
+        s.put(key(1), payload(1))
+        assert s.flush(10)
+        assert s.metrics.value("pdx_store_write_drops_total", {"tier": "mooncake"}) == 1  # a miss, dropped
+        assert tier.exists([key(1)]) == [False]
+        mooncake_master.start()
+        deadline = time.monotonic() + 60
+        while not tier.reachable:  # the joiner tries every retry_after_s (0.2 s here)
+            assert time.monotonic() < deadline, "the tier did not join once the master was up"
+            time.sleep(0.05)
+        assert tier.joined  # type: ignore[attr-defined]
+        other = make(mooncake_master)
+        try:
+            s.put(key(2), payload(2))
+            assert s.flush(10)
+            pins = other.get([key(2)])
+            assert pins[0] is not None and pinned_bytes(other, pins) == [payload(2)]
+        finally:
+            other.close()
+    finally:
+        s.close()
+
+
+def test_a_dead_master_does_not_hide_redis_hits(mooncake_master: MooncakeMaster, redis_server: Any) -> None:
+    tiers = (MooncakeConfig(master=mooncake_master.master, metadata_server=mooncake_master.metadata_server,
+                            write="all", global_segment_size=32 << 20, local_buffer_size=16 << 20,
+                            retry_after_s=0.5, lookup_timeout_s=0.3),
+             RedisConfig(enabled=True, url=redis_server.url, write="all", key_prefix="pdx-dead-master:"))
+    cfg = StoreConfig(chunk_tokens=16, l1=L1Config(capacity=8 * SLAB), tiers=tiers)
+    a, b = ChunkStore(cfg, SLAB, FP), ChunkStore(cfg, SLAB, FP)
+    try:
+        for i in range(4):
+            a.put(key(i), payload(i), num_tokens=16)
+        assert a.flush(10)
+        keys = [key(i) for i in range(4)]
+        assert b.lookup(keys, remote=True).tiers == (Tier.MOONCAKE,) * 4
+        mooncake_master.stop(kill=True)
+        # over several back-off periods (each retry of the master may wait seconds in the client),
+        # every lookup still finds the chunks in Redis, within the connector's lookup budget (1 s)
+        end = time.monotonic() + 3.0
+        rounds = 0
+        while time.monotonic() < end or rounds < 3:
+            t0 = time.monotonic()
+            r = b.lookup(keys, remote=True)
+            assert r.prefix_chunks == 4 and r.tiers == (Tier.REDIS,) * 4, r.tiers
+            assert time.monotonic() - t0 < 1.0
+            rounds += 1
+            time.sleep(0.1)  # spread the lookups over the back-off periods; not a synchronisation
+        pins = b.get(keys, owner="req")
+        assert pinned_bytes(b, pins) == [payload(i) for i in range(4)]
+        assert b.metrics.value("pdx_store_hits_total", {"tier": "redis", "op": "get"}) == 4
+    finally:
+        a.close()
+        b.close()
