@@ -96,9 +96,12 @@ class DiskTier(LowerTier):
     #: folder under the agent's data dir when ``path`` is empty
     default_dir = "disk-cache"
 
+    #: chunks per writer batch (the NIXL tier moves a whole batch in one transfer)
+    write_batch_size: int = 1
+
     def __init__(self, config: DiskConfig, *, chunk_fingerprint: str, data_dir: Path | None,
                  metrics: StoreMetrics, clock: Callable[[], float] = time.monotonic) -> None:
-        super().__init__(metrics, config.queue_depth, batch_size=1)
+        super().__init__(metrics, config.queue_depth, batch_size=self.write_batch_size)
         if config.path:
             root = Path(config.path).expanduser()
         elif data_dir is not None:
@@ -211,14 +214,35 @@ class DiskTier(LowerTier):
             self._write_one(item)
 
     def _write_one(self, item: WriteItem) -> None:
+        staged = self._stage(item)
+        if staged is None:
+            return
+        path, tmp, size = staged
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                self._write_file(fd, pack_header(item.key, self._fp, item.meta), item.data)
+                if self._fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError as exc:
+            self._write_failed(path, tmp, size, exc)
+            return
+        self._written(item)
+
+    def _stage(self, item: WriteItem) -> tuple[Path, Path, int] | None:
+        """Claim room for ``item`` (evicting the oldest files): ``(path, temp path, size)``, or
+        None when it is already stored or can never fit."""
         size = HEADER_SIZE + item.meta.nbytes
         victims: list[ChunkKey] = []
         with self._lock:
             if item.key in self._index:
-                return
+                return None
             if size > self._capacity:
                 self.metrics.write_drops[self._label].inc()
-                return
+                return None
             while self._used + size > self._capacity and self._index:
                 key, f = self._index.popitem(last=False)
                 self._used -= f.size
@@ -230,24 +254,19 @@ class DiskTier(LowerTier):
             self.metrics.evictions[self._label].inc(len(victims))
         path = self.path_of(item.key)
         self._tmp_seq += 1
-        tmp = path.with_name(f".{path.name}.{self._tmp_seq}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                self._write_file(fd, pack_header(item.key, self._fp, item.meta), item.data)
-                if self._fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except OSError as exc:
-            with self._lock:
-                self._used -= size
-            _unlink(tmp)
-            self.metrics.tier_errors[self._label].inc()
-            self.metrics.write_drops[self._label].inc()
-            self._warn_failing(f"writing {path.name} failed: {exc.strerror}")
-            return
+        return path, path.with_name(f".{path.name}.{self._tmp_seq}.tmp"), size
+
+    def _write_failed(self, path: Path, tmp: Path, size: int, exc: OSError) -> None:
+        """A staged write that failed: give its room back, drop it, count it."""
+        with self._lock:
+            self._used -= size
+        _unlink(tmp)
+        self.metrics.tier_errors[self._label].inc()
+        self.metrics.write_drops[self._label].inc()
+        self._warn_failing(f"writing {path.name} failed: {exc.strerror or exc}")
+
+    def _written(self, item: WriteItem) -> None:
+        """A staged write whose file is in place: index it."""
         with self._lock:
             self._index[item.key] = _File(item.meta)
         self.metrics.bytes_in[self._label].inc(item.meta.nbytes)

@@ -8,10 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pdx.checksum import checksum
 from pdx.config import L1Config, NixlStorageConfig, StoreConfig
 from pdx.errors import BackendUnavailable
 from pdx.keys import ChunkKey
 from pdx.store import ChunkStore, Tier
+from pdx.store.metrics import StoreMetrics
+from pdx.store.nixl_tier import NixlStorageTier
+from pdx.store.tier import WriteItem
+from pdx.store.types import ChunkMeta
 
 pytestmark = [pytest.mark.integration]
 
@@ -88,3 +93,45 @@ def test_gds_plugins_need_cuda(tmp_path: Path, plugin: str) -> None:
         assert pins[0] is not None
         with s.view(pins[0]) as v:
             assert bytes(v) == payload(1)
+
+
+def _tier(tmp_path: Path) -> NixlStorageTier:
+    cfg = NixlStorageConfig(path=str(tmp_path), plugin="POSIX", write="all")  # type: ignore[arg-type]
+    return NixlStorageTier(cfg, chunk_fingerprint=FP, data_dir=None, metrics=StoreMetrics())
+
+
+def _items(n: int) -> list[WriteItem]:
+    return [WriteItem(key(i), payload(i), ChunkMeta(num_tokens=16, nbytes=SLAB, checksum=checksum(payload(i))))
+            for i in range(n)]
+
+
+def test_posix_batch_is_one_transfer_and_reads_back(tmp_path: Path) -> None:
+    pytest.importorskip("nixl_cu12", reason="NIXL is not installed: pip install 'pdx[nixl]'")
+    tier = _tier(tmp_path)
+    calls: list[int] = []
+    move = tier._move
+    tier._move = lambda op, moves: (calls.append(len(moves)), move(op, moves))[1]  # type: ignore[method-assign]
+    try:
+        tier.write_batch(_items(6))
+        assert calls == [6]  # every payload of the batch in one NIXL transfer
+        for i in range(6):
+            assert (tmp_path / FP / (key(i).hex() + ".chunk")).read_bytes()[-SLAB:] == payload(i)
+        assert not list((tmp_path / FP).glob("*.tmp"))
+    finally:
+        tier.close()
+
+
+def test_posix_failed_batch_drops_every_chunk_and_leaves_no_file(tmp_path: Path) -> None:
+    pytest.importorskip("nixl_cu12", reason="NIXL is not installed: pip install 'pdx[nixl]'")
+    tier = _tier(tmp_path)
+
+    def broken(op: str, moves: list[object]) -> None:
+        raise OSError(5, "injected I/O error")
+
+    tier._move = broken  # type: ignore[method-assign,assignment]
+    try:
+        tier.write_batch(_items(4))
+        assert not list((tmp_path / FP).glob("*"))
+        assert tier.metrics.value("pdx_store_write_drops_total", {"tier": "nixl"}) == 4
+    finally:
+        tier.close()
