@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.report import Report, Result, percentile
+from pdx.sse import adata_lines
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -217,10 +218,10 @@ async def _replay(label: str, urls: list[str], model: str, headers: dict[str, st
                     if resp.status_code != 200:
                         s.error = f"HTTP {resp.status_code}: {(await resp.aread()).decode(errors='replace')[:200]}"
                         return
-                    async for line in resp.aiter_lines():
-                        if not line.startswith("data: ") or line == "data: [DONE]":
+                    async for data in adata_lines(resp.aiter_bytes()):
+                        if data == "[DONE]":
                             continue
-                        event = json.loads(line[6:])
+                        event = json.loads(data)
                         if "error" in event:
                             s.error = str(event["error"])[:200]
                         if event.get("choices") and s.ttft_s is None:

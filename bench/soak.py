@@ -69,6 +69,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.report import Report, Result, percentile
+from pdx.sse import adata_lines, data_lines
 
 ALL_FAULTS = ("engine_kill", "agent_kill", "redis_restart", "corrupt_chunk", "link_cut")
 OPTIONAL_FAULTS = ("mooncake_restart",)
@@ -869,10 +870,10 @@ class Soak:
                 if resp.status_code != 200:
                     s.error = f"HTTP {resp.status_code}: {(await resp.aread()).decode(errors='replace')[:200]}"
                     return
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
+                async for data in adata_lines(resp.aiter_bytes()):
+                    if data == "[DONE]":
                         continue
-                    event = json.loads(line[6:])
+                    event = json.loads(data)
                     if "error" in event:
                         s.error = str(event["error"])[:200]
                     for choice in event.get("choices") or []:
@@ -1013,10 +1014,10 @@ class Soak:
                 ttft = 0.0
                 with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=120.0) as resp:
                     resp.raise_for_status()
-                    for line in resp.iter_lines():
-                        if not line.startswith("data: ") or line == "data: [DONE]":
+                    for data in data_lines(resp.iter_bytes()):
+                        if data == "[DONE]":
                             continue
-                        for choice in json.loads(line[6:]).get("choices") or []:
+                        for choice in json.loads(data).get("choices") or []:
                             ttft = ttft or time.monotonic() - t0
                             tokens.extend(choice.get("token_ids") or [])
                 out.append((s, tokens, ttft))

@@ -23,6 +23,7 @@ from typing import Any
 from pdx.config import describe, load_config
 from pdx.deploy.deployment import DeployConfig, Deployment, WorkerSpec, stop_running
 from pdx.errors import PdxError
+from pdx.sse import data_lines
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "local-1p1d.yaml"
 
@@ -76,10 +77,10 @@ def _stream(url: str, body: dict[str, Any], headers: dict[str, str]) -> tuple[fl
                       json={**body, "stream": True, "stream_options": {"include_usage": True}}) as resp:
         if resp.status_code != 200:
             raise PdxError(f"demo request failed: {resp.status_code} {resp.read().decode(errors='replace')[:500]}")
-        for line in resp.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+        for data in data_lines(resp.iter_bytes()):
+            if data == "[DONE]":
                 continue
-            event = json.loads(line[6:])
+            event = json.loads(data)
             if event.get("choices"):
                 if not ttft:
                     ttft = time.perf_counter() - t0
