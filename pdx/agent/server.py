@@ -454,6 +454,7 @@ class AgentServer:
             "chunk_tokens": self.config.store.chunk_tokens,
             "jobs": {"active": self.jobs.active},
             "peers": self.links.links(),
+            "registered_peers": self.peers.known.registered_ids(),
             "engine": self.engine.status().to_dict() if self.engine is not None else {"state": "none"},
             "engine_pids": list(self.engine_pids),
             "engine_url": self.engine_url,

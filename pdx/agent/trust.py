@@ -346,6 +346,11 @@ class KnownPeers:
             self._registered = fresh
             self._identities = keys
 
+    def registered_ids(self) -> list[str]:
+        """Agents whose identity key the deployment published to this agent (for ``stats``)."""
+        with self._lock:
+            return sorted(self._identities)
+
     def identity_of(self, agent_id: str) -> tuple[str, str] | None:
         """``(peer address, public key)`` the deployment registered for ``agent_id``, if any."""
         with self._lock:

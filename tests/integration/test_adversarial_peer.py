@@ -545,7 +545,13 @@ def test_a_secret_holder_cannot_speak_as_a_registered_agent(tmp_path: Path) -> N
         victim, honest = sides
         kept = keys_(2)
         sums = victim.write(kept, seed=21)
-        # the honest agent fetches once the proxy listed the victim to it (and each the other's key)
+        # each agent knows the other's published key once a register reply listed it
+        deadline = time.monotonic() + 20
+        while not ("honest" in victim.client.stats().get("registered_peers", [])
+                   and "victim" in honest.client.stats().get("registered_peers", [])):
+            assert time.monotonic() < deadline, "the proxy's register replies never listed both agents"
+            time.sleep(0.1)
+        # the honest agent fetches once the proxy listed the victim to it
         deadline = time.monotonic() + 20
         while True:
             rid = f"id-{os.urandom(4).hex()}"

@@ -65,7 +65,7 @@ def _hold(agent: AgentProcess, keys: list[bytes]) -> None:
             for i, r in enumerate(res):
                 assert r.id, r.error
                 pool.array(r.offset, r.nbytes)[:] = i + 1
-            assert cl.commit([r.id for r in res], CT, timeout=30) == [""] * len(keys)
+            assert all(o.ok for o in cl.commit([r.id for r in res], CT, timeout=30))
         finally:
             pool.close()
 
@@ -81,8 +81,10 @@ def test_b_fetches_from_a_on_the_proxys_hint(world: dict[str, Any]) -> None:
 
     def announced() -> bool:
         ws = httpx.get(c.url + "/admin/workers", timeout=5).json()["workers"]
-        return any(w["agent_id"] == "a" and w["held_chunks"] == HELD for w in ws) and \
-            any(w["agent_id"] == "b" for w in ws)
+        # B's announcement must carry its engine's chunk fingerprint too: its key space is the prompt's
+        b_space = any(w.announcement is not None and w.announcement.agent_id == "b"
+                      and w.announcement.chunk_fingerprint == fp for w in c.server.registry.all())
+        return any(w["agent_id"] == "a" and w["held_chunks"] == HELD for w in ws) and b_space
 
     wait_until(announced, timeout=20, what="A's announcement with its chunks")
 
