@@ -42,8 +42,8 @@ from pdx.errors import AuthError, ErrorCode, PdxError, PeerDenied, WireError
 from pdx.layout import KVDtype, KVLayout
 from pdx.store.pool import AttachedPool, attach
 from pdx.transport import create
-from pdx.transport.base import ChunkOp, MemoryKind, MemoryRegion, OpKind, OpStatus
-from pdx.transport.handshake import client_proof
+from pdx.transport.base import ChunkOp, MemoryKind, MemoryRegion, OpKind, OpStatus, SessionCred
+from pdx.transport.handshake import client_proof, session_handle, session_key
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -119,8 +119,11 @@ class Rogue:
                                                        transfer_timeout_s=5.0, connections_per_peer=lanes),
                                 victim.reg.chunk_fingerprint)
         self.transport.register(MemoryRegion(len(self.region), MemoryKind.HOST, self.region))
-        self.peer = self.transport.connect(self.hello.transport_address, timeout=5.0).peer_id
-        self.transport.set_session(self.peer, self.client.auth)
+        # the transport connection rides on the session: it proves the key both sides derived
+        self.cred = SessionCred(session_handle(self.hello.token),
+                                session_key(secret, nonce, ch.challenge, self.hello.token))
+        self.peer = self.transport.connect(self.hello.transport_address, timeout=5.0, session=self.cred).peer_id
+        self.transport.set_session(self.peer, self.cred.handle)
 
     def call(self, op: Op, args: dict[str, Any]) -> Any:
         return self.client.call(op, args, 5.0)
@@ -556,6 +559,16 @@ def test_a_secret_holder_cannot_speak_as_a_registered_agent(tmp_path: Path) -> N
             time.sleep(0.2)
         pins = honest.client.pin(kept, owner=rid + "-v", lease_s=10)
         assert [checksum(honest.pool.view(p.offset, p.nbytes)) for p in pins] == sums
+        # and the victim knows the honest agent (and so its key) once it can fetch from it
+        back = keys_(1)
+        honest.write(back, seed=22)
+        while True:
+            rid = f"id-{os.urandom(4).hex()}"
+            info = victim.client.wait(victim.client.fetch(honest.proc.peer_address, back, rid, deadline_s=10), 15)
+            if info.ok:
+                break
+            assert time.monotonic() < deadline, info
+            time.sleep(0.2)
         assert victim.metric("pdx_agent_peer_denied_total", op="peer_hello") == 0
         # a rogue holding the secret claims to be the honest agent, from its address and from its own
         for address in (honest.proc.peer_address, "tcp://127.0.0.1:1"):
