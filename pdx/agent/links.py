@@ -26,7 +26,16 @@ from pdx.agent.protocol import HelloArgs, Op
 from pdx.agent.trust import SESSION_IDLE_S, SESSION_MAX_S
 from pdx.agent.types import HelloReply
 from pdx.errors import AgentError, AuthError, PeerDenied
-from pdx.transport.handshake import client_proof, hello_transcript, identity_ok, proof_ok, server_proof
+from pdx.transport.base import SessionCred
+from pdx.transport.handshake import (
+    client_proof,
+    hello_transcript,
+    identity_ok,
+    proof_ok,
+    server_proof,
+    session_handle,
+    session_key,
+)
 
 log = logging.getLogger("pdx.agent.peers")
 
@@ -78,10 +87,11 @@ class Links:
         hello_s = min(timeout, ctx.config.control.request_timeout_s)
         client = AgentClient(address, timeout_s=hello_s, max_frame=ctx.config.control.max_frame)
         try:
-            info = self._hello(client, layout.chunk_fingerprint, hello_s)
-            peer = transport.connect(info.transport_address, timeout=timeout)
-            # the data plane presents the same session: the peer serves only what it granted to it
-            transport.set_session(peer.peer_id, client.auth)
+            info, cred = self._hello(client, layout.chunk_fingerprint, hello_s)
+            # the transport connection rides on this session (it proves the session key, no second
+            # challenge), and the data plane names it: the peer serves only what it granted to it
+            peer = transport.connect(info.transport_address, timeout=timeout, session=cred)
+            transport.set_session(peer.peer_id, cred.handle)
         except BaseException:
             client.close()
             raise
@@ -99,8 +109,9 @@ class Links:
                  link.transport_address)
         return link
 
-    def _hello(self, client: AgentClient, chunk_fp: str, timeout: float) -> HelloReply:
+    def _hello(self, client: AgentClient, chunk_fp: str, timeout: float) -> tuple[HelloReply, SessionCred]:
         nonce = os.urandom(16)
+        challenge = b""
         args = HelloArgs(agent_id=self.ctx.agent_id, address=self.ctx.peer_address, chunk_fingerprint=chunk_fp,
                          nonce=nonce)
         reply: HelloReply = client.call(Op.PEER_HELLO, args, timeout)
@@ -123,7 +134,8 @@ class Links:
         if not reply.token:
             raise AgentError(f"peer at {client.address}: peer_hello answered no session token")
         client.auth = reply.token
-        return reply
+        key = session_key(self.secret if challenge else "", nonce, challenge, reply.token)
+        return reply, SessionCred(session_handle(reply.token), key)
 
     def _check_identity(self, address: str, reply: HelloReply, nonce: bytes, challenge: bytes) -> None:
         """The agent answering at ``address`` must be the one the deployment registered there, proven

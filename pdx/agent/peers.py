@@ -42,7 +42,14 @@ from pdx.agent.types import HelloReply, Outcome, PinInfo, ReserveRow
 from pdx.errors import AuthError, ErrorCode, PeerDenied, PeerIncompatible, StoreError, WireError, code_of
 from pdx.keys import ChunkKey
 from pdx.store.types import Tier
-from pdx.transport.handshake import client_proof, hello_transcript, identity_ok, proof_ok, server_proof
+from pdx.transport.handshake import (
+    client_proof,
+    hello_transcript,
+    identity_ok,
+    proof_ok,
+    server_proof,
+    session_key,
+)
 
 log = logging.getLogger("pdx.agent.peers")
 
@@ -137,7 +144,10 @@ class PeerService:
             if ctx.identity is not None:  # prove ours in turn
                 signature = ctx.identity.sign(hello_transcript(b"S", a.nonce, a.server_nonce, ctx.agent_id,
                                                                ctx.peer_address))
-        session = self.sessions.open(a.agent_id, a.address)
+        # the key the transport's data connections prove (they run no challenge of their own)
+        secret, server_nonce = self.secret, a.server_nonce if self.secret else b""
+        session = self.sessions.open(a.agent_id, a.address,
+                                     lambda token: session_key(secret, a.nonce, server_nonce, token))
         return HelloReply(agent_id=ctx.agent_id, instance=ctx.instance, chunk_fingerprint=layout.chunk_fingerprint,
                           fingerprint=layout.fingerprint, transport=transport.name,
                           transport_address=ctx.transport_address, token=session.token, secret=bool(self.secret),

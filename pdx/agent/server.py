@@ -275,6 +275,11 @@ class AgentServer:
                             namespace=self.config.store.namespace, peer_address=self.peer_address,
                             created=created)
 
+    def _transport_refused(self, op: str) -> None:
+        """A transport connection without a valid peer session: counted like a peer op without one."""
+        self.metrics.auth_failures.inc()
+        self.metrics.peer_denied.labels(op=op).inc()
+
     def _create_store(self, layout: KVLayout) -> None:
         from pdx.store.metrics import StoreMetrics
         from pdx.store.store import ChunkStore
@@ -289,6 +294,8 @@ class AgentServer:
             transport = create(cfg.transport.backend, tcfg, layout.chunk_fingerprint)
             transport.guard = self.peers.data_guard
             transport.on_denied = lambda op: self.metrics.peer_denied.labels(op=op).inc()
+            # transport connections must ride on a peer_hello session (no challenge of their own)
+            transport.accept_sessions(self.peers.sessions.lookup, self._transport_refused)
             try:
                 transport.register(MemoryRegion(store.pool.nbytes, MemoryKind.HOST, store.pool.buffer,
                                                 name=store.pool_name))

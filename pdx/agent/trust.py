@@ -31,6 +31,7 @@ from urllib.parse import urlparse
 
 from pdx.config import AgentConfig, TransportConfig
 from pdx.errors import AuthError, ConfigError, PeerDenied
+from pdx.transport.handshake import session_handle
 
 log = logging.getLogger("pdx.agent.trust")
 
@@ -141,6 +142,8 @@ class Session:
     owners: set[str] = field(default_factory=set)  # owner names this peer pinned under
     keys: OrderedDict[bytes, None] = field(default_factory=OrderedDict)  # keys it was granted
     denied: set[str] = field(default_factory=set)  # ops already logged
+    key: bytes = field(default=b"", repr=False)  # the session key (``pdx.transport.handshake.session_key``)
+    handle: bytes = b""  # its public name on the transport's wire (``session_handle``)
 
     @property
     def sid(self) -> str:
@@ -206,17 +209,38 @@ class Sessions:
         self._idle_s = idle_s
         self._max_s = max_s
         self._by_token: OrderedDict[bytes, Session] = OrderedDict()
+        self._by_handle: dict[bytes, bytes] = {}  # transport handle -> token
         self._anonymous_denied: set[str] = set()  # ops refused without a session, already logged
         self.lock = threading.RLock()
 
-    def open(self, agent_id: str, address: str) -> Session:
+    def open(self, agent_id: str, address: str, key_of: Callable[[bytes], bytes] | None = None) -> Session:
+        """A new session; ``key_of(token)`` derives its key for the transport (none: no transport
+        connection can present it)."""
         now = self._clock()
-        s = Session(os.urandom(16), agent_id, address, now, now)
+        token = os.urandom(16)
+        s = Session(token, agent_id, address, now, now)
+        if key_of is not None:
+            s.key, s.handle = key_of(token), session_handle(token)
         with self.lock:
             self._by_token[s.token] = s
+            if s.handle:
+                self._by_handle[s.handle] = token
             while len(self._by_token) > MAX_SESSIONS:
-                self._by_token.popitem(last=False)
+                _t, old = self._by_token.popitem(last=False)
+                self._by_handle.pop(old.handle, None)
         return s
+
+    def lookup(self, handle: bytes) -> tuple[bytes, bytes] | None:
+        """For the transport's handshake: ``(key, token)`` of the live session named ``handle``."""
+        with self.lock:
+            token = self._by_handle.get(handle)
+            if token is None:
+                return None
+            s = self.find(token)
+            if s is None:
+                self._by_handle.pop(handle, None)
+                return None
+            return s.key, s.token
 
     def get(self, token: bytes) -> Session:
         """The live session of ``token``; raises ``AuthError`` when there is none (or it expired)."""
@@ -225,6 +249,7 @@ class Sessions:
             s = self._by_token.get(token) if token else None
             if s is not None and (now - s.used > self._idle_s or now - s.created > self._max_s):
                 del self._by_token[token]
+                self._by_handle.pop(s.handle, None)
                 s = None
             if s is None:
                 raise AuthError("no valid peer session (none, unknown or expired): do peer_hello first")

@@ -35,9 +35,20 @@ from pdx.config import TransportConfig
 from pdx.errors import TransferTimeout
 
 #: bumped on any incompatible change of the handshake or of a backend's wire format.
-WIRE_VERSION = 1
+#: 2: transport connections between agents present a ``peer_hello`` session (``sess`` in the
+#: hello, session-keyed proofs, ``pdx.bind``) and data headers name it by its handle.
+WIRE_VERSION = 2
 
 PeerId = NewType("PeerId", str)
+
+
+@dataclass(frozen=True)
+class SessionCred:
+    """The dialing side's credential for one ``peer_hello`` session (``pdx.transport.handshake``):
+    its public handle and the key both agents derived; the key never crosses the wire."""
+
+    handle: bytes
+    key: bytes = field(repr=False)
 
 
 class MemoryKind(str, Enum):
@@ -166,8 +177,15 @@ class Transport(abc.ABC):
         self.on_denied: Callable[[str], None] | None = None
 
     def set_session(self, peer: PeerId, session: bytes) -> None:
-        """Present ``session`` (the token of our control-plane session with ``peer``) with every
-        data-plane request to ``peer``; backends without per-op checks ignore it."""
+        """Name ``session`` (the handle of our ``peer_hello`` session with ``peer``, bound to the
+        connection by ``connect``) in every data-plane request to ``peer``; backends without per-op
+        checks ignore it."""
+        return None
+
+    def accept_sessions(self, lookup: Callable[[bytes], tuple[bytes, bytes] | None],
+                        on_refused: Callable[[str], None] | None = None) -> None:
+        """Accept only connections that present a live ``peer_hello`` session: ``lookup(handle)``
+        answers ``(session key, session token)`` or ``None``; ``on_refused(op)`` counts refusals."""
         return None
 
     @abc.abstractmethod
@@ -179,8 +197,9 @@ class Transport(abc.ABC):
         """Start accepting peers; returns the address they connect to (idempotent)."""
 
     @abc.abstractmethod
-    def connect(self, address: str, timeout: float | None = None) -> PeerInfo:
-        """Handshake with the peer at ``address`` (idempotent per address)."""
+    def connect(self, address: str, timeout: float | None = None,
+                session: SessionCred | None = None) -> PeerInfo:
+        """Handshake with the peer at ``address`` (idempotent per address), presenting ``session``."""
 
     @abc.abstractmethod
     def post(self, peer: PeerId, kind: OpKind, ops: Sequence[ChunkOp]) -> TransferHandle:

@@ -54,7 +54,7 @@ from typing import Any, ClassVar
 
 from pdx.config import TransportConfig
 from pdx.errors import AuthError, ConnectError, PeerIncompatible, TransportError, WireError
-from pdx.transport.base import WIRE_VERSION, PeerId, PeerInfo
+from pdx.transport.base import WIRE_VERSION, PeerId, PeerInfo, SessionCred
 from pdx.transport.framing import (
     CONTROL_FRAME_MAX,
     Message,
@@ -79,6 +79,8 @@ log = logging.getLogger("pdx.transport")
 
 #: at most this many connections may be in the handshake at once; more are closed.
 MAX_PENDING_HANDSHAKES = 64
+#: sessions bound to one connection at most (the oldest is unbound first).
+MAX_SESSIONS_PER_CONNECTION = 64
 
 
 def _shutdown_quietly(sock: socket.socket) -> None:
@@ -99,19 +101,45 @@ def _shutdown_quietly(sock: socket.socket) -> None:
 # still cannot speak as another registered agent.
 
 
-def mac(secret: str, label: bytes, a: bytes, b: bytes) -> bytes:
-    """HMAC-SHA256 of ``label | a | b`` under the secret."""
-    return hmac.new(secret.encode(), label + a + b, hashlib.sha256).digest()
+def mac(secret: str | bytes, label: bytes, a: bytes, b: bytes) -> bytes:
+    """HMAC-SHA256 of ``label | a | b`` under the secret (or a session key)."""
+    key = secret.encode() if isinstance(secret, str) else secret
+    return hmac.new(key, label + a + b, hashlib.sha256).digest()
 
 
-def server_proof(secret: str, client_nonce: bytes, server_nonce: bytes) -> bytes:
-    """What the answering side sends to prove it holds the secret."""
+def server_proof(secret: str | bytes, client_nonce: bytes, server_nonce: bytes) -> bytes:
+    """What the answering side sends to prove it holds the secret (or the session key)."""
     return mac(secret, b"S", client_nonce, server_nonce)
 
 
-def client_proof(secret: str, client_nonce: bytes, server_nonce: bytes) -> bytes:
-    """What the dialing side sends to prove it holds the secret."""
+def client_proof(secret: str | bytes, client_nonce: bytes, server_nonce: bytes) -> bytes:
+    """What the dialing side sends to prove it holds the secret (or the session key)."""
     return mac(secret, b"C", server_nonce, client_nonce)
+
+
+def _framed(*parts: bytes) -> bytes:
+    return b"".join(len(p).to_bytes(4, "big") + p for p in parts)
+
+
+def session_key(secret: str, client_nonce: bytes, server_nonce: bytes, token: bytes) -> bytes:
+    """The per-session key both agents derive at the end of ``peer_hello``: HMAC of both hello
+    nonces and the session token under the deployment secret. It never crosses the wire; the
+    transport's data connections prove it (``session_proof``) instead of running their own
+    challenge. Without a secret (loopback only) it is derived from the token alone."""
+    return hmac.new(secret.encode(), _framed(b"pdx-session-key-v1", client_nonce, server_nonce, token),
+                    hashlib.sha256).digest()
+
+
+def session_handle(token: bytes) -> bytes:
+    """The public name of a session on the transport's wire (not the token: it cannot be used as one)."""
+    return hashlib.sha256(_framed(b"pdx-session-handle-v1", token)).digest()[:16]
+
+
+def bind_proof(key: bytes, acceptor_nonce: bytes, binder_nonce: bytes, handle: bytes) -> bytes:
+    """What binds one more session to a live transport connection (``bind``): a MAC under the
+    session key over both nonces of that connection's handshake (fresh per connection: a proof
+    seen on one connection is worth nothing on another) and the session's handle."""
+    return mac(key, b"B", _framed(acceptor_nonce, binder_nonce), handle)
 
 
 def proof_ok(expected: bytes, got: object) -> bool:
@@ -122,8 +150,7 @@ def proof_ok(expected: bytes, got: object) -> bool:
 def hello_transcript(side: bytes, client_nonce: bytes, server_nonce: bytes, agent_id: str, address: str) -> bytes:
     """What an agent signs in ``peer_hello``: its side (``b"C"`` dialing, ``b"S"`` answering), both
     nonces (fresh per hello: no replay), and the identity it claims (agent id and peer address)."""
-    parts = [b"pdx-peer-hello-v1", side, client_nonce, server_nonce, agent_id.encode(), address.encode()]
-    return b"".join(len(p).to_bytes(4, "big") + p for p in parts)
+    return _framed(b"pdx-peer-hello-v1", side, client_nonce, server_nonce, agent_id.encode(), address.encode())
 
 
 class Identity:
@@ -198,6 +225,12 @@ class SideChannel:
         self._handshakes = threading.BoundedSemaphore(MAX_PENDING_HANDSHAKES)
         self._heartbeat: threading.Thread | None = None
         self._connect_lock = threading.Lock()
+        #: accepting side: ``handle -> (session key, session token)`` of a live ``peer_hello`` session,
+        #: else ``None`` (set by the agent). When set, every connection must present a session.
+        self.session_lookup: Callable[[bytes], tuple[bytes, bytes] | None] | None = None
+        #: ``on_refused(op)``: called once per refused session (metrics; set by the agent)
+        self.on_refused: Callable[[str], None] | None = None
+        self._handlers["pdx.bind"] = self._on_bind
 
     # -- registration --
     def on(self, kind: str, handler: RequestHandler) -> None:
@@ -255,6 +288,18 @@ class SideChannel:
                 "id": str(self.peer_id), "addr": self.address, "nonce": nonce,
                 "auth": bool(self.config.secret)}
 
+    def _refused(self, op: str) -> None:
+        if self.on_refused is not None:
+            try:
+                self.on_refused(op)
+            except Exception:
+                log.exception("on_refused hook failed")
+
+    def _lookup(self, handle: object) -> tuple[bytes, bytes] | None:
+        if self.session_lookup is None or not isinstance(handle, bytes):
+            return None
+        return self.session_lookup(handle)
+
     def _meta_frame(self, token: bytes) -> Message:
         meta = self._meta() if callable(self._meta) else (self._meta or {})
         return {"t": "meta", "nbytes": self.region_nbytes, "meta": meta, "token": token}
@@ -272,20 +317,25 @@ class SideChannel:
                                    f"{self.backend!r}, the peer uses {h.get('backend')!r}")
 
     # -- dialing --
-    def connect(self, address: str, timeout: float | None = None) -> PeerConnection:
+    def connect(self, address: str, timeout: float | None = None,
+                session: SessionCred | None = None) -> PeerConnection:
         """Handshake with the peer listening at ``address``; returns its connection.
 
+        ``session``: the ``peer_hello`` session to present (the handshake then proves its key
+        instead of the secret's challenge; on a live connection it is bound with ``bind``).
         Idempotent: a live peer already known under that address is returned.
         Raises ``ConnectError``, ``PeerIncompatible`` or ``AuthError``; never hangs
         past ``timeout`` (default ``connect_timeout_s``) for the whole handshake.
         """
         if self._closed.is_set():
             raise ConnectError("transport is closed")
+        limit = self.config.connect_timeout_s if timeout is None else timeout
         with self._connect_lock:
             for p in self.peers():
                 if p.info.address == address:
+                    if session is not None and session.handle not in p.presented:
+                        self._bind(p, session, limit)
                     return p
-            limit = self.config.connect_timeout_s if timeout is None else timeout
             try:
                 host, port = parse_address(address)
             except ValueError as exc:
@@ -296,7 +346,7 @@ class SideChannel:
                 raise ConnectError(f"cannot reach peer at {address}: {exc}") from exc
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                return self._client_handshake(sock, address, time.monotonic() + limit)
+                return self._client_handshake(sock, address, time.monotonic() + limit, session)
             except (AuthError, PeerIncompatible) as exc:
                 code = "auth" if isinstance(exc, AuthError) else "incompatible"
                 try:  # let the other side log the same reason
@@ -316,7 +366,34 @@ class SideChannel:
                 sock.close()
                 raise
 
-    def _client_handshake(self, sock: socket.socket, address: str, deadline: float) -> PeerConnection:
+    def _bind(self, peer: PeerConnection, session: SessionCred, timeout: float) -> None:
+        """Bind one more session to a live connection (either side may have dialled it)."""
+        proof = bind_proof(session.key, peer.their_nonce, peer.our_nonce, session.handle)
+        try:
+            rep = peer.request("pdx.bind", {"sess": session.handle, "mac": proof}, timeout)
+        except TransportError as exc:
+            raise ConnectError(f"binding a session to peer {peer.peer_id} failed: {exc}") from exc
+        if rep.get("ok") is not True:
+            raise AuthError(f"peer {peer.peer_id} refused the session: {rep.get('reason', '?')}")
+        peer.presented.add(session.handle)
+
+    def _on_bind(self, peer: PeerConnection, body: Message) -> Message:
+        handle = body.get("sess")
+        found = self._lookup(handle)
+        if found is None or not proof_ok(bind_proof(found[0], peer.our_nonce, peer.their_nonce,
+                                                    handle if isinstance(handle, bytes) else b""), body.get("mac")):
+            self._refused("transport_bind")
+            why = "no valid peer session" if found is None else "the session proof is wrong"
+            log.warning("refused a session bind from peer %s: %s", peer.peer_id, why)
+            return {"ok": False, "reason": why}
+        assert isinstance(handle, bytes)
+        if len(peer.sessions) >= MAX_SESSIONS_PER_CONNECTION:
+            peer.sessions.pop(next(iter(peer.sessions)))
+        peer.sessions[handle] = found[1]
+        return {"ok": True}
+
+    def _client_handshake(self, sock: socket.socket, address: str, deadline: float,
+                          session: SessionCred | None = None) -> PeerConnection:
         def left() -> float:
             t = deadline - time.monotonic()
             if t <= 0:
@@ -325,7 +402,10 @@ class SideChannel:
 
         nonce = os.urandom(16)
         sock.settimeout(left())
-        send_frame(sock, self._hello(nonce))
+        hello = self._hello(nonce)
+        if session is not None:
+            hello["sess"] = session.handle
+        send_frame(sock, hello)
         sock.settimeout(left())
         h = recv_frame(sock)
         if h["t"] == "error":
@@ -340,12 +420,15 @@ class SideChannel:
             raise AuthError(f"{where}: " + ("the peer requires a shared secret and none is configured here"
                                             if h.get("auth") else
                                             "a shared secret is configured here but the peer has none"))
-        if secret and not proof_ok(server_proof(secret, nonce, their_nonce), need(h, "mac", bytes)):
-            raise AuthError(f"{where}: the peer failed the shared-secret challenge")
+        # the peer took our session: both sides prove its key (no second challenge on the secret)
+        key: str | bytes = session.key if session is not None and h.get("sess") is True else secret
+        if key and not proof_ok(server_proof(key, nonce, their_nonce), need(h, "mac", bytes)):
+            raise AuthError(f"{where}: the peer failed the " + ("session" if key is not secret else
+                                                                "shared-secret") + " challenge")
         our_token = os.urandom(16)
         meta = self._meta_frame(our_token)
-        if secret:
-            meta["mac"] = client_proof(secret, nonce, their_nonce)
+        if key:
+            meta["mac"] = client_proof(key, nonce, their_nonce)
         sock.settimeout(left())
         send_frame(sock, meta)
         sock.settimeout(left())
@@ -358,6 +441,9 @@ class SideChannel:
                         fingerprint=h["fp"], backend=h["backend"], region_nbytes=need(m, "nbytes", int))
         peer = PeerConnection(self, sock, info, meta_of(m), need(m, "token", bytes),
                               our_token, outgoing=True)
+        peer.our_nonce, peer.their_nonce = nonce, their_nonce
+        if key is not secret and session is not None:
+            peer.presented.add(session.handle)
         self._add(peer)
         try:
             if self._on_peer is not None:
@@ -443,11 +529,24 @@ class SideChannel:
         their_nonce = need(h, "nonce", bytes)
         nonce = os.urandom(16)
         secret = self.config.secret
-        hello = self._hello(nonce)
-        if secret:
-            hello["mac"] = server_proof(secret, their_nonce, nonce)
-        send_frame(conn, hello)  # sent even on a mismatch, so the peer can show our values
         where = f"peer {h.get('id')!s} ({where})"
+        hello = self._hello(nonce)
+        # With a session table (an agent's transport) the connection rides on the dialer's
+        # ``peer_hello`` session: both sides prove its key, and nothing else is accepted.
+        handle = h.get("sess")
+        found = self._lookup(handle)
+        if self.session_lookup is not None and found is None and h.get("v") == WIRE_VERSION:
+            self._refused("transport_hello")
+            why = ("no peer session presented: say peer_hello first" if handle is None
+                   else "unknown or expired peer session")
+            send_frame(conn, {"t": "error", "code": "auth", "reason": why})
+            raise AuthError(f"{where}: {why}")
+        key: str | bytes = found[0] if found is not None else secret
+        if found is not None:
+            hello["sess"] = True
+        if key:
+            hello["mac"] = server_proof(key, their_nonce, nonce)
+        send_frame(conn, hello)  # sent even on a mismatch, so the peer can show our values
         self._check_compatible(h, where)
         if bool(h.get("auth")) != bool(secret):
             raise AuthError(f"{where}: " + ("a shared secret is configured here but the peer has none"
@@ -458,15 +557,22 @@ class SideChannel:
             raise error_from_frame(m, where)
         if m["t"] != "meta":
             raise WireError(f"expected meta, got {m['t']!r}")
-        if secret and not proof_ok(client_proof(secret, their_nonce, nonce), m.get("mac")):
-            send_frame(conn, {"t": "error", "code": "auth", "reason": "shared-secret challenge failed"})
-            raise AuthError(f"{where}: the peer failed the shared-secret challenge")
+        if key and not proof_ok(client_proof(key, their_nonce, nonce), m.get("mac")):
+            what = "session" if found is not None else "shared-secret"
+            if found is not None:
+                self._refused("transport_hello")
+            send_frame(conn, {"t": "error", "code": "auth", "reason": f"{what} challenge failed"})
+            raise AuthError(f"{where}: the peer failed the {what} challenge")
         addr = h["addr"] if isinstance(h.get("addr"), str) else ""
         info = PeerInfo(peer_id=PeerId(need(h, "id", str)), address=addr, wire_version=h["v"],
                         fingerprint=h["fp"], backend=h["backend"], region_nbytes=need(m, "nbytes", int))
         our_token = os.urandom(16)
         peer = PeerConnection(self, conn, info, meta_of(m), need(m, "token", bytes),
                               our_token, outgoing=False)
+        peer.our_nonce, peer.their_nonce = nonce, their_nonce
+        if found is not None:
+            assert isinstance(handle, bytes)
+            peer.sessions[handle] = found[1]
         with self._lock:
             self._by_token[our_token] = peer  # streams may attach before "ready"
         try:
@@ -563,10 +669,16 @@ class SideChannelPeers:
     def listen(self) -> str:
         return self._side.listen()
 
-    def connect(self, address: str, timeout: float | None = None) -> PeerInfo:
+    def connect(self, address: str, timeout: float | None = None,
+                session: SessionCred | None = None) -> PeerInfo:
         if self.connect_needs_region and getattr(self, "_region", None) is None:
             raise TransportError("register a region before connecting")
-        return self._side.connect(address, timeout).info
+        return self._side.connect(address, timeout, session).info
+
+    def accept_sessions(self, lookup: Callable[[bytes], tuple[bytes, bytes] | None],
+                        on_refused: Callable[[str], None] | None = None) -> None:
+        self._side.session_lookup = lookup
+        self._side.on_refused = on_refused
 
     def peers(self) -> list[PeerInfo]:
         return [p.info for p in self._side.peers()]

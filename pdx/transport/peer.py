@@ -61,6 +61,14 @@ class PeerConnection:
         self._sock = sock
         self._their_token = their_token
         self._our_token = our_token
+        #: the nonces of this connection's handshake (ours, theirs): ``bind`` proofs cover them
+        self.our_nonce = b""
+        self.their_nonce = b""
+        #: accepting side: the ``peer_hello`` sessions bound to this connection (handle -> session
+        #: token); the data plane serves a request only within one of them
+        self.sessions: dict[bytes, bytes] = {}
+        #: dialing side: the handles of our sessions this connection was bound to
+        self.presented: set[bytes] = set()
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
         self._pending: dict[int, Future[Message]] = {}

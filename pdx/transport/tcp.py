@@ -490,8 +490,12 @@ class TcpTransport(SideChannelPeers, Transport):
         """Empty when the agent's guard lets the peer's session touch these ranges (no guard: all)."""
         if self.guard is None:
             return ""
-        token = head.get("s")
-        return self.guard(token if isinstance(token, bytes) else b"", write, ops)
+        # the header names a session by its handle; only sessions bound to this connection (by
+        # its handshake or ``bind``, proving the session key) count: a handle seen on the wire
+        # is worth nothing on another connection
+        handle = head.get("s")
+        token = conn.sessions.get(handle, b"") if isinstance(handle, bytes) else b""
+        return self.guard(token, write, ops)
 
     def _serve_write(self, conn: PeerConnection, sock: socket.socket, head: Message) -> None:
         ops = self._ranges(head, 3)

@@ -42,8 +42,9 @@ from pdx.errors import AuthError, ErrorCode, PdxError, PeerDenied, WireError
 from pdx.layout import KVDtype, KVLayout
 from pdx.store.pool import AttachedPool, attach
 from pdx.transport import create
-from pdx.transport.base import ChunkOp, MemoryKind, MemoryRegion, OpKind, OpStatus
-from pdx.transport.handshake import client_proof
+from pdx.transport.base import WIRE_VERSION, ChunkOp, MemoryKind, MemoryRegion, OpKind, OpStatus, SessionCred
+from pdx.transport.framing import recv_frame, send_frame
+from pdx.transport.handshake import bind_proof, client_proof, session_handle, session_key
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -119,8 +120,11 @@ class Rogue:
                                                        transfer_timeout_s=5.0, connections_per_peer=lanes),
                                 victim.reg.chunk_fingerprint)
         self.transport.register(MemoryRegion(len(self.region), MemoryKind.HOST, self.region))
-        self.peer = self.transport.connect(self.hello.transport_address, timeout=5.0).peer_id
-        self.transport.set_session(self.peer, self.client.auth)
+        # the transport connection rides on the session: it proves the key both sides derived
+        self.cred = SessionCred(session_handle(self.hello.token),
+                                session_key(secret, nonce, ch.challenge, self.hello.token))
+        self.peer = self.transport.connect(self.hello.transport_address, timeout=5.0, session=self.cred).peer_id
+        self.transport.set_session(self.peer, self.cred.handle)
 
     def call(self, op: Op, args: dict[str, Any]) -> Any:
         return self.client.call(op, args, 5.0)
@@ -268,6 +272,85 @@ def test_a_rogue_cannot_exhaust_the_pool(agents: tuple[Side, Side]) -> None:
         victim.client.release("push-req")
     finally:
         rogue.close()
+
+
+def _raw_hello(address: str, fp: str, nonce: bytes, handle: bytes) -> tuple[socket.socket, dict[str, Any]]:
+    """Open a transport connection by hand and send a hello that presents ``handle``."""
+    host, port = address.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=5.0)
+    send_frame(sock, {"t": "hello", "v": WIRE_VERSION, "fp": fp, "backend": "tcp", "id": "replayer",
+                      "addr": "", "nonce": nonce, "auth": True, "sess": handle})
+    return sock, recv_frame(sock)
+
+
+def test_data_connections_ride_on_the_session(agents: tuple[Side, Side]) -> None:
+    """A transport connection to an agent must prove a live peer_hello session's key: no session,
+    a session handle without its key, a proof replayed from another connection (handshake or bind),
+    a stolen token or another session's handle in a data header: all refused and counted; the
+    session's own connection reads its grant bit-exact."""
+    victim, honest = agents
+    kept = keys_(2)
+    sums = victim.write(kept, seed=31)
+    address = str(victim.client.stats()["transport"]["address"])
+    fp = victim.reg.chunk_fingerprint
+    hello0 = victim.metric("pdx_agent_peer_denied_total", op="transport_hello")
+    # the secret alone no longer opens a transport connection to an agent
+    t = create("tcp", TransportConfig(backend="tcp", secret=SECRET, connect_timeout_s=3.0), fp)
+    t.register(MemoryRegion(1 << 20, MemoryKind.HOST, bytearray(1 << 20)))
+    try:
+        refused(lambda: t.connect(address, timeout=3.0), "transport_session", AuthError)
+        # a real session's handle (it crosses the wire) without the session's key
+        a = Rogue(victim)
+        forged = SessionCred(a.cred.handle, os.urandom(32))
+        refused(lambda: t.connect(address, timeout=3.0, session=forged), "transport_session", AuthError)
+    finally:
+        t.close()
+    b = Rogue(victim)
+    try:
+        rows = a.call(Op.PEER_PIN, {"keys": kept, "owner": "mine", "lease_s": 30})
+        assert all(r.lease_id for r in rows)
+        assert a.move(OpKind.READ, rows[0].offset, rows[0].nbytes) is OpStatus.DONE
+        assert checksum(memoryview(a.region)[:rows[0].nbytes]) == sums[0]
+        # a handshake proof replayed on a new connection: the server's nonce is fresh, so it fails
+        nonce = os.urandom(16)
+        s1, h1 = _raw_hello(address, fp, nonce, a.cred.handle)
+        s2, h2 = _raw_hello(address, fp, nonce, a.cred.handle)
+        try:
+            assert h1.get("sess") is True and h1["nonce"] != h2["nonce"]
+            send_frame(s1, {"t": "meta", "nbytes": 0, "meta": {}, "token": os.urandom(16),
+                            "mac": client_proof(a.cred.key, nonce, h1["nonce"])})
+            assert recv_frame(s1)["t"] == "meta"  # the genuine proof is accepted
+            send_frame(s2, {"t": "meta", "nbytes": 0, "meta": {}, "token": os.urandom(16),
+                            "mac": client_proof(a.cred.key, nonce, h1["nonce"])})
+            reply = recv_frame(s2)
+            assert reply["t"] == "error" and reply.get("code") == "auth", reply
+            tally("transport_session", True)
+        finally:
+            s1.close()
+            s2.close()
+        # a bind proof made for a's connection, replayed on b's connection
+        conn_a = a.transport._side.get(a.peer)  # type: ignore[attr-defined]
+        conn_b = b.transport._side.get(b.peer)  # type: ignore[attr-defined]
+        stolen = bind_proof(a.cred.key, conn_a.their_nonce, conn_a.our_nonce, a.cred.handle)
+        rep = conn_b.request("pdx.bind", {"sess": a.cred.handle, "mac": stolen}, 5.0)
+        assert rep.get("ok") is False, rep
+        tally("transport_session", True)
+        # b names a's session in its data headers: by its handle, then by its stolen raw token
+        for credential in (a.cred.handle, a.hello.token):
+            b.transport.set_session(b.peer, credential)
+            assert b.move(OpKind.READ, rows[0].offset, rows[0].nbytes) is not OpStatus.DONE
+            tally("transport_session", True)
+        # a's own connection is unaffected
+        assert a.move(OpKind.READ, rows[1].offset, rows[1].nbytes) is OpStatus.DONE
+        assert checksum(memoryview(a.region)[:rows[1].nbytes]) == sums[1]
+        assert victim.metric("pdx_agent_peer_denied_total", op="transport_hello") >= hello0 + 2
+        assert victim.metric("pdx_agent_peer_denied_total", op="transport_bind") >= 1
+        assert victim.metric("pdx_agent_peer_denied_total", op="data_read") >= 2
+        a.call(Op.PEER_RELEASE, {"owner": "mine"})
+    finally:
+        a.close()
+        b.close()
+    still_serves(victim, honest, kept, sums)
 
 
 def test_streams_per_peer_are_capped(agents: tuple[Side, Side]) -> None:
@@ -562,6 +645,16 @@ def test_a_secret_holder_cannot_speak_as_a_registered_agent(tmp_path: Path) -> N
             time.sleep(0.2)
         pins = honest.client.pin(kept, owner=rid + "-v", lease_s=10)
         assert [checksum(honest.pool.view(p.offset, p.nbytes)) for p in pins] == sums
+        # and the victim knows the honest agent (and so its key) once it can fetch from it
+        back = keys_(1)
+        honest.write(back, seed=22)
+        while True:
+            rid = f"id-{os.urandom(4).hex()}"
+            info = victim.client.wait(victim.client.fetch(honest.proc.peer_address, back, rid, deadline_s=10), 15)
+            if info.ok:
+                break
+            assert time.monotonic() < deadline, info
+            time.sleep(0.2)
         assert victim.metric("pdx_agent_peer_denied_total", op="peer_hello") == 0
         # a rogue holding the secret claims to be the honest agent, from its address and from its own
         for address in (honest.proc.peer_address, "tcp://127.0.0.1:1"):

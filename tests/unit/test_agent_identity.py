@@ -22,6 +22,7 @@ from pdx.agent.types import HelloReply
 from pdx.config import AgentConfig, L1Config, RegistrationConfig, StoreConfig
 from pdx.errors import AuthError, PdxError, PeerDenied
 from pdx.store.store import ChunkStore
+from pdx.transport.base import SessionCred
 from pdx.transport.handshake import Identity, hello_transcript, identity_ok
 
 SECRET = "s" * 32
@@ -100,15 +101,22 @@ def fleet() -> Iterator[tuple[Agent, Agent, Agent]]:
         a.close()
 
 
-def hello(dialer: Agent, server: Agent, address: str) -> HelloReply:
+def hello_cred(dialer: Agent, server: Agent, address: str) -> tuple[HelloReply, SessionCred]:
     client = Wire(server, address)
     return dialer.links._hello(client, FP, 5.0)  # type: ignore[arg-type]
 
 
+def hello(dialer: Agent, server: Agent, address: str) -> HelloReply:
+    return hello_cred(dialer, server, address)[0]
+
+
 def test_registered_agents_prove_who_they_are_both_ways(fleet: tuple[Agent, Agent, Agent]) -> None:
     prefill, decode, _rogue = fleet
-    reply = hello(decode, prefill, PREFILL)
+    reply, cred = hello_cred(decode, prefill, PREFILL)
     assert reply.token and reply.agent_id == "prefill-0" and reply.signature
+    # both ends derived the same session key; the transport finds it by the handle, not the token
+    assert prefill.peers.sessions.lookup(cred.handle) == (cred.key, reply.token)
+    assert cred.handle != reply.token and prefill.peers.sessions.lookup(reply.token) is None
     assert identity_ok(prefill.ctx.identity.public, reply.signature,  # type: ignore[union-attr]
                        hello_transcript(b"S", b"x", b"y", "prefill-0", PREFILL)) is False  # bound to the nonces
     assert prefill.denied() == 0 and decode.denied() == 0

@@ -21,6 +21,7 @@ from pdx.agent.trust import (
 )
 from pdx.config import AgentConfig, TransportConfig
 from pdx.errors import AuthError, ConfigError, PeerDenied, PeerIncompatible, WireError
+from pdx.transport.handshake import bind_proof, session_handle, session_key
 from pdx.transport.shm import SHM_DIR, segment_path
 
 
@@ -88,6 +89,40 @@ def test_sessions_expire_and_are_distinct() -> None:
     with pytest.raises(AuthError):
         ss.get(a2.token)  # 27 s after its hello: past the absolute limit
     assert a.owner("x") != b.owner("x")
+
+
+def test_transport_lookup_needs_a_live_session() -> None:
+    """The transport finds a session by its handle (never by its token) only while it is live."""
+    clock = Clock()
+    ss = Sessions(lambda _op: None, clock=clock, idle_s=10, max_s=25)
+    s = ss.open("a", "", lambda token: b"K" + token)
+    bare = ss.open("b", "")
+    assert s.handle == session_handle(s.token) and s.handle != s.token[:16]
+    assert ss.lookup(s.handle) == (b"K" + s.token, s.token)
+    assert ss.lookup(s.token) is None and ss.lookup(os.urandom(16)) is None
+    assert not bare.handle and ss.lookup(b"") is None  # a session without a key has no handle
+    clock.t += 11  # idle too long: expired, and its handle is forgotten
+    assert ss.lookup(s.handle) is None
+    s2 = ss.open("a", "", lambda token: b"K" + token)
+    for _ in range(2):
+        clock.t += 9
+        assert ss.lookup(s2.handle) is not None  # looking it up uses it
+    clock.t += 9
+    assert ss.lookup(s2.handle) is None  # 27 s after its hello: past the absolute limit
+
+
+def test_session_keys_and_proofs_are_bound() -> None:
+    """Both agents derive the same key from one hello; any other hello, token or secret gives another,
+    and a bind proof made for one connection's nonces fails on another's."""
+    n_c, n_s, tok = os.urandom(16), os.urandom(16), os.urandom(16)
+    k = session_key("s3cret", n_c, n_s, tok)
+    assert k == session_key("s3cret", n_c, n_s, tok)
+    assert len({k, session_key("other", n_c, n_s, tok), session_key("s3cret", n_s, n_c, tok),
+                session_key("s3cret", n_c, n_s, os.urandom(16))}) == 4
+    h = session_handle(tok)
+    a1, b1, a2 = os.urandom(16), os.urandom(16), os.urandom(16)
+    assert bind_proof(k, a1, b1, h) != bind_proof(k, a2, b1, h)
+    assert bind_proof(k, a1, b1, h) != bind_proof(k, b1, a1, h)
 
 
 def test_grants_bound_reads_and_writes() -> None:
