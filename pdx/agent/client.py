@@ -26,6 +26,7 @@ sockets. ``close()`` is idempotent.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import threading
 import time
@@ -66,6 +67,8 @@ from pdx.agent.types import (
 )
 from pdx.errors import AgentUnavailable, WireError
 from pdx.layout import KVLayout
+
+log = logging.getLogger("pdx.agent.client")
 
 RECONNECT_IVL_MS = 50
 _NOBLOCK = int(zmq.NOBLOCK)
@@ -180,7 +183,8 @@ class AgentClient:
                 return None
             try:
                 reply = decode_reply(frame, self.max_frame)
-            except WireError:
+            except WireError as exc:
+                log.warning("agent at %s: ignoring a reply that does not decode: %s", self.address, exc)
                 continue
             if reply.id == rid:
                 return reply

@@ -2,8 +2,9 @@
 
 To have a transfer reliably in flight when SIGTERM arrives, the fetching agent
 reaches the source agent through a small relay (in this test process) that
-holds the first peer request for a moment before passing it on. The relay only
-forwards control frames; the chunks move over the real transport.
+holds the first peer request until the test releases it (once the agent is
+draining). The relay only forwards control frames; the chunks move over the
+real transport.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,13 +29,17 @@ from pdx.store.pool import attach
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 LAYOUT = KVLayout("drain-test", KVDtype.FP32, num_layers=2, num_kv_heads=2, head_size=64, block_size=16)
-HOLD_S = 2.0
+#: the longest the relay holds the first request if the test never releases it
+HOLD_MAX_S = 30.0
 
 
 class DelayRelay:
-    """ROUTER front -> one DEALER per client to ``target``; the first request waits ``hold_s``."""
+    """ROUTER front -> one DEALER per client to ``target``; the first request waits until
+    ``release`` is set (at most ``hold_s``); ``holding`` is set when it arrived."""
 
     def __init__(self, target: str, hold_s: float) -> None:
+        self.holding = threading.Event()
+        self.release = threading.Event()
         self.ctx = zmq.Context()
         self.front = self.ctx.socket(zmq.ROUTER)
         self.front.setsockopt(zmq.LINGER, 0)
@@ -56,7 +62,8 @@ class DelayRelay:
                     ident, payload = self.front.recv_multipart()
                     if not held:
                         held = True
-                        time.sleep(self.hold_s)
+                        self.holding.set()
+                        self.release.wait(self.hold_s)
                     back = backs.get(ident)
                     if back is None:
                         back = backs[ident] = self.ctx.socket(zmq.DEALER)
@@ -71,6 +78,7 @@ class DelayRelay:
             b.close(0)
 
     def close(self) -> None:
+        self.release.set()
         self._stop.set()
         self._thread.join(5)
         self.front.close(0)
@@ -101,16 +109,35 @@ def test_sigterm_drains_in_flight_transfers(tmp_path: Path) -> None:
         pool.close()
         assert all(o.ok for o in cs.commit([r.id for r in res], reg.chunk_tokens, sums))
 
-        relay = DelayRelay(src.peer_address, HOLD_S)
+        relay = DelayRelay(src.peer_address, HOLD_MAX_S)
         job = cd.fetch(relay.address, keys, "req-drain", deadline_s=30)
-        time.sleep(0.3)  # the job is now waiting on the held peer request
-        assert cd.job_status(job).state is JobState.RUNNING
+        assert relay.holding.wait(20), "the fetch never reached the source agent"
+        assert cd.job_status(job).state is JobState.RUNNING  # waiting on the held peer request
         assert dst.proc is not None
         dst.proc.send_signal(15)
-        time.sleep(0.3)
+        deadline = time.monotonic() + 20
+        while not cd.stats().get("draining"):
+            assert time.monotonic() < deadline, "SIGTERM did not start the drain"
+            time.sleep(0.05)
         with pytest.raises(AgentError, match="shutting down"):
             cd.fetch(src.peer_address, keys, "req-late")
-        info = cd.wait(job, 20)
+        # the job's outcome is reported to a wait parked before it finishes (once it has finished,
+        # the drained agent exits and answers nothing more)
+        waited: list[Any] = []
+
+        def wait_for_job() -> None:
+            with dst.client(30) as c:
+                waited.append(c.wait(job, 20))
+
+        waiter = threading.Thread(target=wait_for_job, daemon=True)
+        waiter.start()
+        while cd.stats()["jobs"].get("waiting_calls", 0) < 1:
+            assert time.monotonic() < deadline, "the wait call never reached the agent"
+            time.sleep(0.05)
+        relay.release.set()  # now the in-flight job may finish
+        waiter.join(30)
+        assert waited, "no reply to the wait"
+        info = waited[0]
         assert info.state is JobState.DONE
         assert [c.status for c in info.chunks] == [ChunkStatus.DONE] * 4, info.error
         assert dst.proc.wait(30) == 0
