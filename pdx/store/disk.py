@@ -220,8 +220,24 @@ class DiskTier(LowerTier):
         path, tmp, size = staged
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as exc:
+            self._write_failed(path, tmp, size, exc)
+            return
+        error: OSError | None = None
+        try:
+            self._write_file(fd, pack_header(item.key, self._fp, item.meta), item.data)
+        except OSError as exc:
+            error = exc
+        self._commit_file(item, path, tmp, size, fd, error)
+
+    def _commit_file(self, item: WriteItem, path: Path, tmp: Path, size: int, fd: int,
+                     error: OSError | None) -> None:
+        """Finish a staged write whose bytes went to ``fd`` (``error``: they did not): sync if
+        configured, close, move the file in place and index it; any failure drops it, counted."""
+        try:
             try:
-                self._write_file(fd, pack_header(item.key, self._fp, item.meta), item.data)
+                if error is not None:
+                    raise error
                 if self._fsync:
                     os.fsync(fd)
             finally:

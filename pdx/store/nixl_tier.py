@@ -73,10 +73,10 @@ class NixlStorageTier(DiskTier):
         file_descs = [(offset, int(buf.nbytes), fd) for buf, fd, offset in moves]
         total = sum(n for _, n, _ in mem_descs)
         with self._xfer_lock:
-            mem = a.register_memory(a.get_reg_descs([(*d, "") for d in mem_descs], "DRAM"))
-            fmem = a.register_memory(a.get_reg_descs([(*d, "") for d in file_descs], "FILE"))
-            handle = None
+            mem = fmem = handle = None
             try:
+                mem = a.register_memory(a.get_reg_descs([(*d, "") for d in mem_descs], "DRAM"))
+                fmem = a.register_memory(a.get_reg_descs([(*d, "") for d in file_descs], "FILE"))
                 handle = a.initialize_xfer(op, a.get_xfer_descs(mem_descs, "DRAM"),
                                            a.get_xfer_descs(file_descs, "FILE"), self._name)
                 state = a.transfer(handle)
@@ -88,11 +88,17 @@ class NixlStorageTier(DiskTier):
                     state = a.check_xfer_state(handle)
                 if state == "ERR":
                     raise OSError(f"NIXL {self.plugin} {op} of {total} bytes failed")
+            except OSError:
+                raise
+            except Exception as exc:  # NIXL raises its own types: an I/O failure to the tier
+                raise OSError(f"NIXL {self.plugin} {op} of {total} bytes: {exc}") from exc
             finally:
                 if handle is not None:
                     a.release_xfer_handle(handle)
-                a.deregister_memory(fmem)
-                a.deregister_memory(mem)
+                if fmem is not None:
+                    a.deregister_memory(fmem)
+                if mem is not None:
+                    a.deregister_memory(mem)
 
     def _read_payload(self, fd: int, target: memoryview, offset: int) -> tuple[int, int]:
         size = os.fstat(fd).st_size
@@ -115,51 +121,35 @@ class NixlStorageTier(DiskTier):
         if len(items) == 1:
             self._write_one(items[0])
             return
-        files: list[tuple[WriteItem, Path, Path, int, int]] = []
+        files = [f for f in map(self._open_staged, items) if f is not None]
+        moves = [(np.frombuffer(item.data, np.uint8), fd, HEADER_SIZE)
+                 for item, _, _, _, fd in files if item.meta.nbytes]
+        error: OSError | None = None
+        if moves:
+            try:
+                self._move("WRITE", moves)
+            except OSError as exc:
+                error = exc
+        for item, path, tmp, size, fd in files:
+            self._commit_file(item, path, tmp, size, fd, error)
+
+    def _open_staged(self, item: WriteItem) -> tuple[WriteItem, Path, Path, int, int] | None:
+        """Stage ``item``, create its temp file sized for it and write its header: ``(item, path,
+        temp path, size, fd)``, or None (already stored, too big, or failed and counted)."""
+        staged = self._stage(item)
+        if staged is None:
+            return None
+        path, tmp, size = staged
         try:
-            for item in items:
-                staged = self._stage(item)
-                if staged is None:
-                    continue
-                path, tmp, size = staged
-                try:
-                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                except OSError as exc:
-                    self._write_failed(path, tmp, size, exc)
-                    continue
-                files.append((item, path, tmp, size, fd))
-                try:
-                    os.pwrite(fd, pack_header(item.key, self._fp, item.meta), 0)
-                    os.ftruncate(fd, size)
-                except OSError as exc:
-                    files.pop()
-                    os.close(fd)
-                    self._write_failed(path, tmp, size, exc)
-            error: OSError | None = None
-            moves = [(np.frombuffer(item.data, np.uint8), fd, HEADER_SIZE)
-                     for item, _, _, _, fd in files if item.meta.nbytes]
-            if moves:
-                try:
-                    self._move("WRITE", moves)
-                except OSError as exc:
-                    error = exc
-            done = files
-            files = []
-            for item, path, tmp, size, fd in done:
-                try:
-                    try:
-                        if error is not None:
-                            raise error
-                        if self._fsync:
-                            os.fsync(fd)
-                    finally:
-                        os.close(fd)
-                    os.replace(tmp, path)
-                except OSError as exc:
-                    self._write_failed(path, tmp, size, exc)
-                    continue
-                self._written(item)
-        finally:
-            for _item, path, tmp, size, fd in files:  # an unexpected error: nothing half-written stays
-                os.close(fd)
-                self._write_failed(path, tmp, size, OSError("write interrupted"))
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as exc:
+            self._write_failed(path, tmp, size, exc)
+            return None
+        try:
+            os.pwrite(fd, pack_header(item.key, self._fp, item.meta), 0)
+            os.ftruncate(fd, size)
+        except OSError as exc:
+            os.close(fd)
+            self._write_failed(path, tmp, size, exc)
+            return None
+        return item, path, tmp, size, fd
