@@ -9,9 +9,12 @@ requests with different salts never share a key, so tenants never share KV.
 
 Full chunks get keys from ``chunk_keys``. A *tail* chunk, the partial chunk after
 the last full one, gets its key from ``tail_key``: the same chain, with a tag so a
-tail of ``n`` tokens can never collide with a full chunk. Tails are stored only for
-P/D (a prefill leaves the prompt's tail for its decode side, which then computes one
-token instead of up to a chunk); reuse from the store uses full chunks only.
+tail of ``n`` tokens can never collide with a full chunk. A tail is keyed under its
+parent (the key of the full chunk before it, or the seed), its length and its own
+tokens. Every storing engine leaves its prompt's tail (all of the prompt after the last
+full chunk but the last token); P/D hands it to the decode side, and reuse finds it with
+``tail_candidates``: a later prompt whose chunk at that position *begins* with the stored
+tail probes the keys of every length its tokens allow, longest first.
 """
 
 from __future__ import annotations
@@ -99,6 +102,46 @@ def tail_key(
                           namespace, salt=salt)[-1]
     raw = np.asarray(token_ids, dtype="<u4")[n_full * chunk_tokens : end].tobytes()
     return ChunkKey(xxhash.xxh3_128_digest(b"pdx-tail|" + n_tail.to_bytes(4, "little") + prev + raw))
+
+
+def tail_candidates(
+    token_ids: Sequence[int] | np.ndarray,
+    index: int,
+    chunk_fingerprint: str,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    namespace: str = "",
+    full_keys: Sequence[bytes] | None = None,
+    *,
+    salt: str = "",
+    min_tokens: int = 1,
+) -> list[tuple[int, ChunkKey]]:
+    """Every tail a stored prompt could have left at chunk ``index`` of ``token_ids``, longest first.
+
+    ``(n, tail_key(token_ids, index * chunk_tokens + n, ...))`` for ``n`` from
+    ``min(chunk_tokens - 1, len(token_ids) - index * chunk_tokens)`` down to ``min_tokens``: a
+    tail stored under the same parent whose tokens are a prefix of this prompt's tokens there has
+    one of these keys. One xxh3 call per length (a few microseconds each); ``full_keys`` as in
+    ``tail_key``.
+    """
+    tokens = np.asarray(token_ids, dtype="<u4")
+    base = index * chunk_tokens
+    if index < 0 or base > len(tokens):
+        raise ValueError(f"chunk {index} starts past the {len(tokens)} tokens")
+    longest = min(chunk_tokens - 1, len(tokens) - base)
+    if longest < max(1, min_tokens):
+        return []
+    if index == 0:
+        prev = chunk_seed(chunk_fingerprint, namespace, salt)
+    elif full_keys is not None and len(full_keys) >= index:
+        prev = bytes(full_keys[index - 1])
+    else:
+        prev = chunk_keys(tokens[:base], chunk_fingerprint, chunk_tokens, namespace, salt=salt)[-1]
+    raw = tokens[base : base + longest].tobytes()
+    digest = xxhash.xxh3_128_digest
+    out: list[tuple[int, ChunkKey]] = []
+    for n in range(longest, max(1, min_tokens) - 1, -1):
+        out.append((n, ChunkKey(digest(b"pdx-tail|" + n.to_bytes(4, "little") + prev + raw[: 4 * n]))))
+    return out
 
 
 def key_hex(key: bytes) -> str:

@@ -238,8 +238,10 @@ class AgentClient:
         info: RegisterInfo = self.call(Op.REGISTER_ENGINE, RegisterArgs(cast("Any", d), pid or os.getpid(), engine_url), limit)
         return info
 
-    def lookup(self, keys: Sequence[bytes], remote: bool = False, timeout: float | None = None) -> LookupInfo:
-        info: LookupInfo = self.call(Op.LOOKUP, LookupArgs(list(keys), remote), timeout)
+    def lookup(self, keys: Sequence[bytes], remote: bool = False, timeout: float | None = None,
+               probe: bool = False) -> LookupInfo:
+        """Which tier holds each key. ``probe``: candidate keys (tails), left out of the lookup metrics."""
+        info: LookupInfo = self.call(Op.LOOKUP, LookupArgs(list(keys), remote, probe), timeout)
         return info
 
     def reserve(self, keys: Sequence[bytes], nbytes: int | Sequence[int],

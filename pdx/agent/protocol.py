@@ -130,6 +130,8 @@ class RegisterArgs(_Args):
 class LookupArgs(_Args):
     keys: Keys
     remote: bool = False
+    #: a probe (candidate tail keys): not counted in the store's lookup metrics
+    probe: bool = False
 
 
 class ReserveArgs(_Args):

@@ -321,12 +321,13 @@ class AgentServer:
     def h_lookup(self, a: LookupArgs) -> Any:
         store, _t, _l = self.require_store()
         if a.remote and store.remote_tiers:
-            return self._deferred(self._lookup, store, a.keys, True)
-        return self._lookup(store, a.keys, False)
+            return self._deferred(self._lookup, store, a.keys, True, a.probe)
+        return self._lookup(store, a.keys, False, a.probe)
 
     @staticmethod
-    def _lookup(store: ChunkStore, keys: list[bytes], remote: bool) -> LookupInfo:
-        r = store.lookup(cast("list[ChunkKey]", keys), remote=remote)  # keys are 16-byte bytes (checked)
+    def _lookup(store: ChunkStore, keys: list[bytes], remote: bool, probe: bool = False) -> LookupInfo:
+        # keys are 16-byte bytes (checked)
+        r = store.lookup(cast("list[ChunkKey]", keys), remote=remote, count=not probe)
         return LookupInfo(r.prefix_chunks, r.chunk_tokens, tuple(t.value if t is not None else None for t in r.tiers))
 
     def reserve_one(self, key: bytes, nbytes: int) -> ReserveRow:

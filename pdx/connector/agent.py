@@ -41,6 +41,16 @@ class SchedulerPort:
             in_l1 += 1
         return int(info.prefix_chunks), in_l1
 
+    def lookup_tails(self, keys: Sequence[bytes]) -> tuple[int, bool]:
+        """The first of ``keys`` (candidate tails, longest first) present in L1 or a local tier:
+        ``(its index or -1, whether it is in L1)``. Remote tiers are not probed (a probe asks for
+        up to a chunk's worth of keys, nearly all absent)."""
+        info = self.client.lookup(keys, remote=False, timeout=self.lookup_timeout_s, probe=True)
+        for i, tier in enumerate(info.tiers):
+            if tier is not None:
+                return i, tier == "l1"
+        return -1, False
+
     def pin_prefix(self, keys: Sequence[bytes], owner: str, lease_s: float) -> int:
         pins = self.client.pin(keys, owner=owner, lease_s=lease_s, timeout=self.call_timeout_s)
         n = 0

@@ -33,10 +33,18 @@ blending request whose pieces are all stored is offered its region as a synchron
 ``BlendLoad``, gets a ``cache_salt`` of its own (``take_resalt``, applied by the connector), and never
 stores anything.
 
-Tail chunks (P/D only): a prompt whose length is not a multiple of the chunk size
-ends in a partial chunk. A prefill for remote decode also stores that tail, less the
-last prompt token, under ``pdx.keys.tail_key``, and offers it; the decode side then
-computes a single token instead of up to a whole chunk.
+Tail chunks: a prompt whose length is not a multiple of the chunk size ends in a
+partial chunk. A storing engine also stores that tail, less the last prompt token,
+under ``pdx.keys.tail_key`` (keyed under its parent chunk, with its length and tokens),
+once every full chunk before it is stored. A prefill for remote decode offers it, so the
+decode side computes a single token instead of up to a whole chunk. Reuse finds tails
+too: when the local store's leading run of full chunks stops short of ``max_load``, the
+scheduler probes the agent (one more round trip, L1 and local tiers only, not counted in
+the lookup metrics) for the longest stored tail under the last hit chunk whose tokens
+begin the prompt's tokens there (``pdx.keys.tail_candidates``), and offers it: a repeated
+prompt loads all but its last token, an extended one everything the earlier prompt stored.
+A probe that finds nothing at a position is not repeated for the same request.
+Peer-to-peer hints and remote tiers deal in full chunks only.
 
 vLLM objects are read duck-typed (see the ``*Like`` protocols) so tests can pass
 plain namespaces; nothing here imports vLLM.
@@ -76,7 +84,7 @@ from pdx.connector.params import (
     response_params,
 )
 from pdx.errors import PdxError, TransferParamsError
-from pdx.keys import ChunkKey, chunk_keys, tail_key
+from pdx.keys import ChunkKey, chunk_keys, tail_candidates, tail_key
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +94,9 @@ class SchedulerAgent(Protocol):
 
     def lookup_prefix(self, keys: Sequence[bytes]) -> tuple[int, int]:
         """Leading keys present in the store (any tier), and leading keys in L1 (memory)."""
+
+    def lookup_tails(self, keys: Sequence[bytes]) -> tuple[int, bool]:
+        """The first of ``keys`` present in L1 or a local tier (its index or -1), and whether in L1."""
 
     def pin_prefix(self, keys: Sequence[bytes], owner: str, lease_s: float) -> int:
         """Pin the keys for a remote reader under ``owner``; returns the leading count pinned."""
@@ -157,19 +168,24 @@ class _Req:
     block_ids: list[int] = field(default_factory=list)
     #: next chunk index to store; chunks below it are stored or not ours to store
     store_next: int = 0
-    #: P/D requests: key and size of the tail chunk (tokens ``[len(keys)*ct, prompt_len-1)``)
+    #: key and size of the prompt's tail chunk (tokens ``[len(keys)*ct, prompt_len-1)``)
     tail: ChunkKey | None = None
     tail_tokens: int = 0
     tail_stored: bool = False
-    #: CacheBlend (``kv_transfer_params.pdx.blend``): the request, its prompt, each segment's pieces
-    blend: BlendRequest | None = None
+    #: the tail the current match offers: (chunk index, tokens, key)
+    load_tail: tuple[int, int, ChunkKey] | None = None
+    #: chunk index whose tail probe found nothing (not probed again)
+    tail_miss_at: int = -1
+    #: the prompt's token ids (tail probes, CacheBlend)
     tokens: list[int] = field(default_factory=list)
+    #: CacheBlend (``kv_transfer_params.pdx.blend``): the request, each segment's pieces
+    blend: BlendRequest | None = None
     pieces: list[list[tuple[bytes, int]]] = field(default_factory=list)
     #: the region was offered as blended: the request runs under its own salt and stores nothing
     blended: bool = False
     #: the cache_salt the connector must give the request (once, when it is first blended)
     resalt: str = ""
-    #: the request's own cache_salt as it came (the tenant's)
+    #: the request's own cache_salt as it came (the tenant's; part of every key)
     salt: str = ""
     #: the last blend offer: (num_computed given, tokens offered)
     blend_match: tuple[int, int] | None = None
@@ -192,6 +208,8 @@ class SchedulerStats:
     remote_tokens: int = 0
     hint_tokens: int = 0
     bad_params: int = 0
+    #: reuse hits that offered a stored tail (tail probes that found one)
+    tail_hits: int = 0
     stored_chunks_planned: int = 0
     pins: int = 0
     pin_errors: int = 0
@@ -234,23 +252,57 @@ class PdxSchedulerSide:
             if offered:
                 peer = remote.agent
         hint = st.params.hint if remote is None and not st.hint_used else None
-        local, in_l1 = self._local_chunks(st) if (self.settings.reuse or remote is not None
-                                                  or hint is not None) else (0, 0)
+        local, in_l1, answered = self._local_chunks(st) if (self.settings.reuse or remote is not None
+                                                            or hint is not None) else (0, 0, False)
         st.stored_chunks = max(st.stored_chunks, local)
+        st.load_tail = None
         if min(local * ct, st.max_load) >= offered:
             offered, peer = min(local * ct, st.max_load), ""
+            if answered and self.settings.reuse and remote is None and local * ct < st.max_load:
+                found = self._local_tail(st, local)
+                if found is not None and min(local * ct + found[1], st.max_load) > offered:
+                    st.load_tail = found[:3]
+                    offered = min(local * ct + found[1], st.max_load)
+                    if found[3] and in_l1 >= local:
+                        in_l1 = local + 1  # every chunk offered, the tail included, is in L1
         if hint is not None and hint.chunks > local:
             # peer-to-peer reuse: the holder named by the proxy has more of the prefix than we do
             hinted = min(min(hint.chunks, len(st.keys)) * ct, st.max_load)
             if hinted > offered:
                 offered, peer = hinted, hint.agent
+        if peer:
+            st.load_tail = None
         tokens = offered - num_computed_tokens
         if tokens < max(1, self.settings.min_load_tokens):
             st.match = None
+            st.load_tail = None
             return 0, False
         sync = not peer and self.settings.sync_l1_loads and in_l1 * ct >= offered
         st.match = (num_computed_tokens, tokens, peer, sync)
         return tokens, not sync
+
+    def _local_tail(self, st: _Req, index: int) -> tuple[int, int, ChunkKey, bool] | None:
+        """The longest stored tail under chunk ``index - 1`` that begins the prompt's tokens at
+        chunk ``index``: ``(index, tokens, key, in L1)``, or None."""
+        if self._agent is None or not st.tokens or st.tail_miss_at == index:
+            return None
+        s = self.settings
+        cands = tail_candidates(st.tokens, index, s.chunk_fingerprint, s.chunk_tokens, s.namespace, st.keys,
+                                salt=st.salt)
+        if not cands:
+            return None
+        try:
+            i, in_l1 = self._agent.lookup_tails([k for _, k in cands])
+        except PdxError as exc:
+            self.stats.lookup_errors += 1
+            log.debug("request %s: tail probe failed (treated as a miss): %s", st.req_id, exc)
+            return None
+        if not 0 <= i < len(cands):
+            st.tail_miss_at = index
+            return None
+        self.stats.tail_hits += 1
+        n, key = cands[i]
+        return index, n, key, in_l1
 
     def _state(self, request: RequestLike) -> _Req:
         st = self._reqs.get(request.request_id)
@@ -269,10 +321,11 @@ class PdxSchedulerSide:
         # requests with different salts never load each other's KV, locally or from a peer.
         salt = request_salt(request)
         keys = chunk_keys(tokens, s.chunk_fingerprint, s.chunk_tokens, s.namespace, salt=salt) if tokens else []
-        st = _Req(req_id=request.request_id, keys=keys, prompt_len=len(tokens), params=params)
-        # P/D: a tail when the loadable tokens end inside a chunk the prompt does not fill
+        st = _Req(req_id=request.request_id, keys=keys, prompt_len=len(tokens), params=params,
+                  tokens=tokens, salt=salt)
+        # A tail when the loadable tokens end inside a chunk the prompt does not fill
         # (with a full last chunk, that chunk is loaded in part instead).
-        if (params.remote_decode or params.remote is not None) and st.max_load > len(keys) * s.chunk_tokens:
+        if st.max_load > len(keys) * s.chunk_tokens:
             st.tail = tail_key(tokens, st.max_load, s.chunk_fingerprint, s.chunk_tokens, s.namespace, keys,
                                salt=salt)
             st.tail_tokens = st.max_load - len(keys) * s.chunk_tokens
@@ -400,22 +453,24 @@ class PdxSchedulerSide:
             tokens += tail
         return min(tokens, st.max_load)
 
-    def _local_chunks(self, st: _Req) -> tuple[int, int]:
-        """(leading chunks in the local store, leading chunks of those in L1)."""
-        if not st.keys or self._agent is None:
-            return 0, 0
+    def _local_chunks(self, st: _Req) -> tuple[int, int, bool]:
+        """(leading chunks in the local store, leading chunks of those in L1, the agent answered)."""
+        if self._agent is None:
+            return 0, 0, False
+        if not st.keys:
+            return 0, 0, True
         self.stats.lookups += 1
         try:
             present, in_l1 = self._agent.lookup_prefix(st.keys)
             present = max(0, min(len(st.keys), present))
-            return present, min(present, in_l1)
+            return present, min(present, in_l1), True
         except PdxError as exc:
             self.stats.lookup_errors += 1
             now = time.monotonic()
             if now - self._last_agent_warning > 10.0:
                 self._last_agent_warning = now
                 log.warning("pdx agent lookup failed (treated as a miss): %s", exc)
-            return 0, 0
+            return 0, 0, False
 
     def pending_peer(self, req_id: str) -> str:
         """The peer the last match of ``req_id`` would load from ("" = the local store)."""
@@ -439,6 +494,7 @@ class PdxSchedulerSide:
                 self.stats.blend_tokens += end - start
             return
         match, st.match = st.match, None
+        load_tail, st.load_tail = st.load_tail, None
         if num_external_tokens <= 0 or match is None:
             self._init_store(st, 0)
             return
@@ -448,25 +504,30 @@ class PdxSchedulerSide:
             log.debug("request %s: vLLM accepted %d of %d offered tokens", st.req_id,
                       num_external_tokens, offered)
         ct = self.settings.chunk_tokens
+        remote = st.params.remote
+        if load_tail is None and st.tail is not None and peer and remote is not None:
+            load_tail = (len(st.keys), st.tail_tokens, st.tail)  # P/D: the prefill side's tail
         chunks = []
+        full_loaded = 0  # chunks loaded whole or in part from a full chunk (stored already)
         for i in range(start // ct, -(-end // ct)):
             lo, hi = max(start, i * ct), min(end, (i + 1) * ct)
             if hi <= lo:
                 continue
-            if i < len(st.keys):
+            if load_tail is not None and i == load_tail[0] and hi <= i * ct + load_tail[1]:
+                # matched_tokens offered this tail (a reuse hit's, or the prefill side's)
+                chunks.append(ChunkLoad(index=i, key=load_tail[2], start=lo, end=hi, num_tokens=load_tail[1]))
+            elif i < len(st.keys) and (load_tail is None or i < load_tail[0]):
                 chunks.append(ChunkLoad(index=i, key=st.keys[i], start=lo, end=hi))
-            elif st.tail is not None and hi <= i * ct + st.tail_tokens:  # matched_tokens offered the tail
-                chunks.append(ChunkLoad(index=i, key=st.tail, start=lo, end=hi, num_tokens=st.tail_tokens))
+                full_loaded = i + 1
             else:  # vLLM accepted more than was offered: never load what no chunk holds
                 log.warning("request %s: no chunk holds tokens [%d, %d); loading up to %d", st.req_id, lo, hi, lo)
                 end = lo
                 break
-        remote = st.params.remote
         from_hint = bool(peer) and remote is None
         spec = LoadSpec(req_id=st.req_id, block_ids=tuple(st.block_ids), chunks=tuple(chunks),
                         peer=peer, remote_request_id=remote.request_id if (peer and remote) else "",
                         sync=sync, hint=from_hint)
-        if chunks and chunks[-1].num_tokens:
+        if chunks and chunks[-1].num_tokens and chunks[-1].key == st.tail:
             st.tail_stored = True  # the load commits it to the local store
         if from_hint:
             st.hint_used = True
@@ -477,8 +538,9 @@ class PdxSchedulerSide:
         else:
             self.stats.hit_tokens += end - start
         self._pending_loads.append(spec)
-        # Everything loaded will be in the local store afterwards (a fetch commits there).
-        self._init_store(st, -(-end // ct))
+        # Everything loaded will be in the local store afterwards (a fetch commits there). A chunk
+        # loaded from a tail is not: this request stores it whole once its forward completes it.
+        self._init_store(st, full_loaded)
 
     def _init_store(self, st: _Req, loaded_chunks: int) -> None:
         st.store_next = max(st.store_next, st.stored_chunks, loaded_chunks)
@@ -531,8 +593,9 @@ class PdxSchedulerSide:
             st.segment_stored = True
             self.stats.segment_pieces_planned += len(st.pieces[0])
             end = max(end, b.region_end)
-        # A prefill for remote decode also leaves its tail, once every full chunk is stored.
-        tail = (st.tail is not None and not st.tail_stored and st.params.remote_decode
+        # Every storing request also leaves its tail (for its decode side, for reuse), once every
+        # full chunk is stored.
+        tail = (st.tail is not None and not st.tail_stored
                 and max(last, st.store_next) >= len(st.keys) and computed_after_step >= st.max_load)
         if tail:
             assert st.tail is not None

@@ -335,13 +335,15 @@ class ChunkStore:
             now = self._clock()
             return self._index.extend(lease_id, now + (self._lease_s if lease_s is None else lease_s))
 
-    def lookup(self, keys: Sequence[ChunkKey], remote: bool = False) -> LookupResult:
+    def lookup(self, keys: Sequence[ChunkKey], remote: bool = False, count: bool = True) -> LookupResult:
         """Which tier holds each key, and how many leading keys are present.
 
         L1 and the local tiers only (memory dict lookups) unless ``remote``: then
         keys found nowhere locally are asked of every remote tier at once (one
         batched existence check per tier); a tier that does not answer within its
-        ``lookup_timeout_s`` is a miss for this lookup, the others still count.
+        ``lookup_timeout_s`` is a miss for this lookup, the others still count. ``count=False``
+        (a probe of candidate tail keys, most of them absent by design) leaves the lookup metrics as
+        they are.
         """
         entries = self._index.entries
         local = self.local_tiers
@@ -370,7 +372,8 @@ class ChunkStore:
             if t is None:
                 break
             prefix += 1
-        self.metrics.count_lookup(tiers, prefix, searched, self.chunk_tokens)
+        if count:
+            self.metrics.count_lookup(tiers, prefix, searched, self.chunk_tokens)
         return LookupResult(tuple(keys), tuple(tiers), prefix, self.chunk_tokens)
 
     def lookup_tokens(self, token_ids: Sequence[int] | np.ndarray, remote: bool = False,

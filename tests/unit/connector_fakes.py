@@ -100,9 +100,10 @@ class FakeAgent:
         self._call("register_engine")
         return layout
 
-    def lookup(self, keys: Sequence[bytes], remote: bool = False, timeout: float | None = None) -> Any:
-        """Chunks in ``on_disk`` count as present but not in L1."""
-        self._call("lookup")
+    def lookup(self, keys: Sequence[bytes], remote: bool = False, timeout: float | None = None,
+               probe: bool = False) -> Any:
+        """Chunks in ``on_disk`` count as present but not in L1; a ``probe`` is recorded as such."""
+        self._call("probe" if probe else "lookup")
         tiers: list[str | None] = []
         for k in keys:
             tiers.append("disk" if k in self.on_disk else "l1" if k in self.chunks else None)

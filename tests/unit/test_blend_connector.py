@@ -163,7 +163,8 @@ def test_missing_segment_is_an_exact_request(hf: HFLlama) -> None:
     _, plan, n = eng.run(req)
     assert n == 0 and plan.loads == [] and eng.side.stats.blend_misses == 1
     assert eng.side.take_resalt("z") == ""
-    assert [c.index for s in plan.stores for c in s.chunks] == [0, 1]  # an exact request stores as usual
+    # an exact request stores as usual: its full chunks, then its tail
+    assert [(c.index, c.num_tokens > 0) for s in plan.stores for c in s.chunks] == [(0, False), (1, False), (2, True)]
 
 
 def test_failed_blend_becomes_load_errors(hf: HFLlama) -> None:

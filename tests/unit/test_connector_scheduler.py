@@ -73,9 +73,11 @@ def test_miss_then_store_plan_follows_chunked_prefill() -> None:
     assert [(s.req_id, [c.index for c in s.chunks], s.block_ids) for s in plan.stores] == \
         [("a", [0, 1], (10, 11, 12))]
     assert [c.key for c in plan.stores[0].chunks] == _keys(req)[:2]
-    # Step 2 computes the rest (two more blocks appended): chunks 2 and 3; 600 // 128 = 4 full chunks.
+    # Step 2 computes the rest (two more blocks appended): chunks 2 and 3; 600 // 128 = 4 full chunks,
+    # then the tail: tokens 512..598 (the last prompt token is never stored).
     plan = side.build_step(_out(cached=[("a", [13, 14], 300)], scheduled={"a": 300}))
-    assert [[c.index for c in s.chunks] for s in plan.stores] == [[2, 3]]
+    assert [[(c.index, c.num_tokens) for c in s.chunks] for s in plan.stores] == [[(2, 0), (3, 0), (4, 87)]]
+    assert plan.stores[0].chunks[-1].key == tail_key(req.prompt_token_ids, 599, FP, CT)
     assert plan.stores[0].block_ids == (10, 11, 12, 13, 14)
     # Decode steps: nothing new to store.
     plan = side.build_step(_out(cached=[("a", None, 600)], scheduled={"a": 1}))
@@ -140,6 +142,113 @@ def test_lookup_failure_is_a_miss() -> None:
     assert side.stats.lookup_errors == 1
 
 
+# --- reuse at token granularity: stored tails ----------------------------------------------------
+
+
+def _run_prefill(side: PdxSchedulerSide, agent: FakeAgent, req: SimpleNamespace) -> list[Any]:
+    """A cold prefill of ``req`` that stores everything it computes (committed into ``agent``)."""
+    import numpy as np
+
+    n = len(req.prompt_token_ids)
+    blocks = list(range(-(-n // BS)))
+    assert side.matched_tokens(req, 0) == (0, False)
+    side.after_alloc(req, blocks, 0)
+    plan = side.build_step(_out(new=[_new(req.request_id, blocks, 0)], scheduled={req.request_id: n}))
+    chunks = [c for s in plan.stores for c in s.chunks]
+    for c in chunks:
+        agent.put(c.key, np.zeros(16, dtype=np.uint8), c.num_tokens or CT)
+    side.finished(req, completed=True)
+    return chunks
+
+
+def test_repeated_prompt_loads_all_but_its_last_token() -> None:
+    agent = FakeAgent(slab_size=4096)
+    side = _side(agent)
+    first = _run_prefill(side, agent, _req("t1", 4 * CT + 10))
+    assert [c.num_tokens for c in first] == [0, 0, 0, 0, 9]
+    again = _req("t2", 4 * CT + 10)
+    assert side.matched_tokens(again, 0) == (4 * CT + 9, False)  # all in L1: synchronous
+    side.after_alloc(again, [1, 2, 3, 4, 5], 4 * CT + 9)
+    (load,) = side.build_step(_out()).loads
+    assert load.sync and [(c.index, c.start, c.end, c.num_tokens) for c in load.chunks] == \
+        [(0, 0, 128, 0), (1, 128, 256, 0), (2, 256, 384, 0), (3, 384, 512, 0), (4, 512, 521, 9)]
+    assert [c.key for c in load.chunks] == [c.key for c in first]
+    assert side.stats.hit_tokens == 4 * CT + 9 and side.stats.tail_hits == 1
+    # vLLM computes the last token; nothing is stored again (the tail is the one it loaded)
+    plan = side.build_step(_out(new=[_new("t2", [1, 2, 3, 4, 5], 4 * CT + 9)], scheduled={"t2": 1}))
+    assert plan.stores == []
+    # vLLM's own prefix cache holds the full chunks: pdx loads just the tail
+    third = _req("t3", 4 * CT + 10)
+    assert side.matched_tokens(third, 4 * CT) == (9, False)
+    side.after_alloc(third, [1, 2, 3, 4, 5], 9)
+    (load,) = side.build_step(_out()).loads
+    assert [(c.index, c.start, c.end, c.num_tokens) for c in load.chunks] == [(4, 512, 521, 9)]
+
+
+def test_extended_prompt_loads_the_earlier_prompts_tail() -> None:
+    agent = FakeAgent(slab_size=4096)
+    side = _side(agent)
+    first = _run_prefill(side, agent, _req("x1", 2 * CT + 50))
+    longer = _req("x2", 4 * CT + 94)  # the same first 2 * CT + 50 tokens, then more
+    assert longer.prompt_token_ids[:2 * CT + 50] == _req("x1", 2 * CT + 50).prompt_token_ids
+    assert side.matched_tokens(longer, 0) == (2 * CT + 49, False)
+    blocks = list(range(5))
+    side.after_alloc(longer, blocks, 2 * CT + 49)
+    (load,) = side.build_step(_out()).loads
+    assert [(c.index, c.start, c.end, c.num_tokens) for c in load.chunks] == \
+        [(0, 0, 128, 0), (1, 128, 256, 0), (2, 256, 305, 49)]
+    assert load.chunks[-1].key == first[-1].key
+    # it computes the rest and stores chunk 2 whole (its first 49 tokens came from the tail), 3, and its tail
+    plan = side.build_step(_out(new=[_new("x2", blocks, 2 * CT + 49)], scheduled={"x2": 2 * CT + 45}))
+    (store,) = plan.stores
+    assert [(c.index, c.num_tokens) for c in store.chunks] == [(2, 0), (3, 0), (4, 93)]
+    assert [c.key for c in store.chunks[:2]] == _keys(longer)[2:4]
+
+
+def test_a_shorter_prompt_or_another_tail_does_not_match() -> None:
+    agent = FakeAgent(slab_size=4096)
+    side = _side(agent)
+    _run_prefill(side, agent, _req("s1", 2 * CT + 50))
+    # a prompt that ends inside the stored tail: the full chunks only (its own tokens there are fewer)
+    assert side.matched_tokens(_req("s2", 2 * CT + 20), 0) == (2 * CT, False)
+    # the same length, different tokens at the tail's position: full chunks only
+    other = _req("s3", 2 * CT + 50)
+    other.prompt_token_ids[2 * CT + 3] += 1
+    assert side.matched_tokens(other, 0) == (2 * CT, False)
+    # another tenant: nothing
+    salted = _salted("s4", 2 * CT + 50, "tenant-b")
+    assert side.matched_tokens(salted, 0) == (0, False)
+
+
+def test_tail_on_disk_loads_asynchronously_and_misses_are_probed_once() -> None:
+    agent = FakeAgent(slab_size=4096)
+    side = _side(agent)
+    first = _run_prefill(side, agent, _req("d1", 3 * CT + 7))
+    agent.on_disk = {first[-1].key}
+    assert side.matched_tokens(_req("d2", 3 * CT + 7), 0) == (3 * CT + 6, True)
+    cold = _req("d3", 3 * CT + 7, seed=5)
+    agent.calls.clear()
+    for _ in range(3):  # vLLM asks again while the request waits: one probe only
+        assert side.matched_tokens(cold, 0) == (0, False)
+    assert agent.calls.count("probe") == 1 and agent.calls.count("lookup") == 3
+
+
+def test_tail_probe_failure_is_a_miss() -> None:
+    agent = FakeAgent(slab_size=4096)
+    side = _side(agent)
+    _run_prefill(side, agent, _req("f1", 3 * CT + 7))
+
+    def fail(keys: Sequence[bytes]) -> tuple[int, bool]:
+        from pdx.errors import AgentUnavailable
+
+        raise AgentUnavailable("probe timed out")
+
+    assert side._agent is not None
+    side._agent.lookup_tails = fail  # type: ignore[method-assign]
+    assert side.matched_tokens(_req("f2", 3 * CT + 7), 0) == (3 * CT, False)
+    assert side.stats.lookup_errors == 1
+
+
 def test_no_reuse_when_disabled() -> None:
     agent = FakeAgent(slab_size=4096)
     side = _side(agent, reuse=False)
@@ -194,12 +303,13 @@ def test_tail_only_when_the_prompt_needs_one(n: int, tail: bool) -> None:
     assert [c.num_tokens for c in store.chunks] == [0, 0, 0, 0] + ([4] if tail else [])
 
 
-def test_only_prefills_for_remote_decode_store_tails() -> None:
+def test_every_storing_prefill_stores_its_tail() -> None:
     side = _side(FakeAgent(slab_size=4096))
     req = _req("p7", 1500)
     side.matched_tokens(req, 0)
     (store,) = side.build_step(_out(new=[_new("p7", list(range(12)), 0)], scheduled={"p7": 1500})).stores
-    assert all(c.num_tokens == 0 for c in store.chunks) and len(store.chunks) == 11
+    assert [c.num_tokens for c in store.chunks] == [0] * 11 + [91]
+    assert store.chunks[-1].key == tail_key(req.prompt_token_ids, 1499, FP, CT)
 
 
 def test_prefill_offers_only_what_the_agent_holds() -> None:
@@ -348,7 +458,7 @@ def test_resumed_request_replaces_its_block_table() -> None:
                                 resumed={"g"}))
     (store,) = plan.stores
     assert store.block_ids == (7, 8, 9, 10, 11, 12)
-    assert [c.index for c in store.chunks] == [1, 2, 3, 4]  # 700 // 128 = 5 full chunks
+    assert [c.index for c in store.chunks] == [1, 2, 3, 4, 5]  # 700 // 128 = 5 full chunks, then the tail
 
 
 def test_consumer_stores_nothing() -> None:
@@ -384,11 +494,14 @@ def test_tenants_with_the_same_prompt_never_share_chunks() -> None:
     plan = side.build_step(_out(new=[_new("a1", [1, 2, 3, 4, 5], 0)], scheduled={"a1": 4 * CT + 10}))
     stored = [c.key for s in plan.stores for c in s.chunks]
     salted = list(chunk_keys(a1.prompt_token_ids, FP, CT, salt="tenant-a"))
+    salted.append(tail_key(a1.prompt_token_ids, 4 * CT + 9, FP, CT, salt="tenant-a"))
     assert stored == salted and not set(stored) & set(_keys(a1))  # stored under tenant A's keys only
+    assert stored[-1] != tail_key(a1.prompt_token_ids, 4 * CT + 9, FP, CT)
     _fill(agent, stored)
     side.finished(a1, completed=True)
 
-    assert side.matched_tokens(_salted("a2", 4 * CT + 10, "tenant-a"), 0) == (4 * CT, False)  # A's repeat hits
+    # A's repeat hits, its tail included
+    assert side.matched_tokens(_salted("a2", 4 * CT + 10, "tenant-a"), 0) == (4 * CT + 9, False)
     assert side.matched_tokens(_salted("b1", 4 * CT + 10, "tenant-b"), 0) == (0, False)  # B: same prompt, miss
     assert side.matched_tokens(_salted("n1", 4 * CT + 10, None), 0) == (0, False)  # no salt: miss too
 
