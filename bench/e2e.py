@@ -14,9 +14,19 @@ Rows (each beside a baseline measured in the same run, on the same prompts):
   fetch, checksum, unpack into vLLM's blocks) for the cached and the P/D loads, from the
   connector's log lines; baseline a single-threaded memcpy of the same bytes.
 
+With ``--short-tokens N`` (default 1000; 0 leaves them out), on other prompts of ``N`` tokens
+(the ``_1k`` rows at the default), measured on the same servers:
+
+* ``ttft_cached_1k_ms``: the repeat on the ``kv_both`` engine (pdx loads every token but the
+  last: its whole chunks and its stored tail); baseline ``vllm_prefix_cache_hit_ms``: the same
+  prompt's repeat on a plain vLLM server with its own prefix cache on.
+* ``ttft_pd_1k_ms``: P/D as ``ttft_pd_ms``; baseline ``ttft_plain_1k_ms``, plain vLLM without
+  prefix cache.
+
 Every TTFT is the latency of a non-streamed ``/v1/completions`` call with ``max_tokens=1``
 (prefill plus one token, HTTP included), median over ``--repeats`` distinct prompts of
-``--prompt-tokens`` tokens; vLLM's own prefix cache is off everywhere. Each engine runs on
+``--prompt-tokens`` tokens; vLLM's own prefix cache is off everywhere but on the server of
+``vllm_prefix_cache_hit_ms``. Each engine runs on
 one pinned core (two cores: P/D uses both). At most two vLLM servers run at a time.
 """
 
@@ -39,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="small", help="embedded model preset (default small; tiny is quick)")
     p.add_argument("--prompt-tokens", type=int, default=4096, help="tokens per prompt (default 4096)")
     p.add_argument("--repeats", type=int, default=3, help="distinct prompts per figure (median reported)")
+    p.add_argument("--short-tokens", type=int, default=1000,
+                   help="tokens per prompt of the short rows (ttft_cached_1k_ms, ttft_pd_1k_ms; default 1000, "
+                   "0: leave them out)")
     p.add_argument("--chunk-tokens", type=int, default=128, help="pdx chunk size (default 128)")
     p.add_argument("--transport", default="tcp", help="agent-to-agent transport for P/D: tcp, shm, nixl, ucx "
                    "(default tcp)")
@@ -61,8 +74,11 @@ def run(args: argparse.Namespace) -> Report:
     n = args.prompt_tokens
     prompts = _prompts(model.path, n, args.repeats + 1, paragraph)
     warm, timed = prompts[0][:256], prompts[1:]
+    sn = max(0, args.short_tokens)
+    # other texts than the long prompts' (a short prompt must not be a prefix of a long one)
+    short = _prompts(model.path, sn, args.repeats, paragraph, seed0=9500) if sn else []
     # vLLM's own prefix cache off: a repeat's speed-up must come from pdx's store
-    vopts: dict[str, Any] = {"served_model_name": args.model, "max_model_len": max(8192, n + 64),
+    vopts: dict[str, Any] = {"served_model_name": args.model, "max_model_len": max(8192, n + 64, sn + 64),
                              "kv_cache_gib": 2, "prefix_caching": False}
 
     def ttft(url: str, ids: list[int], name: str, **body: Any) -> tuple[float, dict[str, Any]]:
@@ -81,8 +97,22 @@ def run(args: argparse.Namespace) -> Report:
     try:
         ttft(plain.url, warm, args.model)
         plain_ms = [ttft(plain.url, ids, args.model)[0] for ids in progress(timed, "plain")]
+        plain_short_ms = [ttft(plain.url, ids, args.model)[0] for ids in progress(short, "plain short")]
     finally:
         plain.stop()
+
+    # 1b. vLLM's own prefix cache: the short prompts' repeats (the baseline of ttft_cached_1k_ms)
+    vllm_hit_ms: list[float] = []
+    if short:
+        cached_vllm = start_server(VllmOptions(model=str(model.path), cpu_bind="0", **{**vopts, "prefix_caching": True}),
+                                   workdir / "plain-prefix-cache")
+        try:
+            ttft(cached_vllm.url, warm, args.model)
+            for ids in progress(short, "vLLM prefix cache"):
+                ttft(cached_vllm.url, ids, args.model)
+                vllm_hit_ms.append(ttft(cached_vllm.url, ids, args.model)[0])
+        finally:
+            cached_vllm.stop()
 
     store = {"chunk_tokens": args.chunk_tokens, "l1": {"capacity": "1GiB"}}
     transport = {"backend": args.transport}
@@ -96,6 +126,13 @@ def run(args: argparse.Namespace) -> Report:
             first_ms.append(ttft(both.url, ids, args.model)[0])
             again_ms.append(ttft(both.url, ids, args.model)[0])
         cached_loads = _loads(both.engine_log_text(), local=True)
+        again_short_ms: list[float] = []
+        short_loaded: list[int] = []
+        for ids in progress(short, "kv_both short"):
+            ttft(both.url, ids, args.model)
+            n_loads = len(_loads(both.engine_log_text(), local=True))
+            again_short_ms.append(ttft(both.url, ids, args.model)[0])
+            short_loaded.extend(t for t, _ in _loads(both.engine_log_text(), local=True)[n_loads:])
     finally:
         both.stop()
 
@@ -116,11 +153,28 @@ def run(args: argparse.Namespace) -> Report:
                 p_part.append(p_ms)
                 d_part.append(d_ms)
             fetch_loads = _loads(decode.engine_log_text(), local=False)
+            pd_short_ms, p_short, d_short = [], [], []
+            for ids in progress(short, "P/D short"):
+                p_ms, out = ttft(prefill.url, ids, args.model, kv_transfer_params={"do_remote_decode": True})
+                d_ms, _ = ttft(decode.url, ids, args.model, kv_transfer_params=out["kv_transfer_params"])
+                pd_short_ms.append(p_ms + d_ms)
+                p_short.append(p_ms)
+                d_short.append(d_ms)
         finally:
             decode.stop()
     finally:
         prefill.stop()
 
+    if short:
+        k = f"{sn // 1000}k" if sn % 1000 == 0 else str(sn)
+        report.add(Result(f"ttft_cached_{k}_ms", median(again_short_ms), "ms", "vllm_prefix_cache_hit_ms",
+                          median(vllm_hit_ms), lower_is_better=True,
+                          extra={"samples": again_short_ms, "baseline_samples": vllm_hit_ms,
+                                 "loaded_tokens": short_loaded, "prompt_tokens": sn}))
+        report.add(Result(f"ttft_pd_{k}_ms", median(pd_short_ms), "ms", f"ttft_plain_{k}_ms",
+                          median(plain_short_ms), lower_is_better=True,
+                          extra={"samples": pd_short_ms, "baseline_samples": plain_short_ms,
+                                 "prefill_ms": p_short, "decode_ms": d_short}))
     token_bytes = _token_bytes(spec)
     report.add(Result("ttft_cached_ms", median(again_ms), "ms", "ttft_recompute_ms", median(first_ms),
                       lower_is_better=True, extra={"samples": again_ms, "baseline_samples": first_ms}))
@@ -142,12 +196,16 @@ def run(args: argparse.Namespace) -> Report:
         f"({n - 1} tokens loadable per prompt: all but the last); max_tokens=1",
         f"hardware: {_cpu_name()}, {_cores()} cores; one pinned core per engine; vLLM CPU, float32; "
         f"P/D transport {args.transport}",
+        *([f"short rows: {sn}-token prompts, {args.repeats} distinct; the vLLM prefix-cache baseline is the "
+           "second request of each on a plain server with prefix caching on (first request not timed)"]
+          if short else []),
         f"logs: {workdir}",
     ])
     return report
 
 
-def _prompts(model_path: Path, n: int, count: int, paragraph: Callable[[int, int], str]) -> list[list[int]]:
+def _prompts(model_path: Path, n: int, count: int, paragraph: Callable[[int, int], str],
+             seed0: int = 9000) -> list[list[int]]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_path))
@@ -155,7 +213,7 @@ def _prompts(model_path: Path, n: int, count: int, paragraph: Callable[[int, int
     for seed in range(count):
         words = n
         while True:
-            ids = list(tok.encode(paragraph(9000 + seed, words), add_special_tokens=False))
+            ids = list(tok.encode(paragraph(seed0 + seed, words), add_special_tokens=False))
             if len(ids) >= n:
                 out.append(ids[:n])
                 break

@@ -64,6 +64,12 @@ PROMPTS: dict[str, tuple[int, int]] = {
     "p2p": (PROMPT_TOKENS, 113),
     "p2p_dead_peer": (PROMPT_TOKENS, 114),
     "shared_redis": (PROMPT_TOKENS, 115),
+    "tails": (700, 116),
+}
+
+#: prompts that extend another one: name -> (the prompt it extends, extra tokens, seed of the extra text)
+EXTENDED_PROMPTS: dict[str, tuple[str, int, int]] = {
+    "tails_extended": ("tails", 400, 117),
 }
 
 #: CacheBlend (``test_blend_connector.py``): parts ``(tokens, seed)``, and prompts composed of them
@@ -200,6 +206,8 @@ def prompts(make_prompt: Callable[..., Any]) -> dict[str, list[int]]:
     parts = {name: list(make_prompt(n, seed=seed).token_ids[:n]) for name, (n, seed) in BLEND_PARTS.items()}
     for name, names in BLEND_PROMPTS.items():
         out[name] = [t for part in names for t in parts[part]]
+    for name, (base, n, seed) in EXTENDED_PROMPTS.items():
+        out[name] = out[base] + list(make_prompt(n, seed=seed).token_ids[:n])
     return out
 
 
