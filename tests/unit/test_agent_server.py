@@ -51,7 +51,7 @@ def test_register_twice_same_pool_other_layout_refused(agent: tuple[AgentServer,
 
 
 def test_write_commit_verify_and_capacity(agent: tuple[AgentServer, AgentClient]) -> None:
-    _s, c = agent
+    s, c = agent
     reg = c.register_engine(LAYOUT)
     pool = attach(reg.shm_name)
     try:
@@ -69,6 +69,11 @@ def test_write_commit_verify_and_capacity(agent: tuple[AgentServer, AgentClient]
         assert errors[0].code is ErrorCode.INTEGRITY and all(e.ok for e in errors[1:])
         look = c.lookup(keys)
         assert look.prefix_chunks == 0 and look.tiers[1] == "l1"
+        # a probe (candidate tail keys) gets the same answer; the store's lookup metrics skip it
+        assert s.store is not None
+        counted = s.store.metrics.value("pdx_store_requests_total", {"op": "lookup", "result": "partial"})
+        assert c.lookup(keys, probe=True).tiers == look.tiers
+        assert s.store.metrics.value("pdx_store_requests_total", {"op": "lookup", "result": "partial"}) == counted
         pins = c.pin(keys[1:3], owner="o")
         assert [checksum(pool.view(p.offset, p.nbytes)) for p in pins] == sums[1:3]
         assert c.release("o") == 2

@@ -10,7 +10,7 @@ import pytest
 from pdx.checksum import checksum
 from pdx.config import Eviction, L1Config, RedisConfig, StoreConfig, load_config
 from pdx.errors import CapacityError, ConfigError, IntegrityError, ReservationError, StoreError
-from pdx.keys import ChunkKey, chunk_keys
+from pdx.keys import ChunkKey, chunk_keys, tail_key
 from pdx.layout import KVDtype, KVLayout
 from pdx.store import ChunkStore, Tier, attach
 
@@ -270,6 +270,14 @@ def test_lookup_prefix_and_tokens(clock: FakeClock) -> None:
         assert m.value("pdx_store_miss_tokens_total", {"tier": "l1", "op": "lookup"}) == 16 + 80
         assert m.value("pdx_store_requests_total", {"op": "lookup", "result": "partial"}) == 1
         assert m.value("pdx_store_requests_total", {"op": "lookup", "result": "miss"}) == 1
+        # a probe (the connector's candidate tail keys) answers the same and counts nothing
+        tail = tail_key(tokens, 16 * 5 - 1, FP, 16, "tenant-a")
+        assert tail is not None
+        s.put(tail, b"y" * 60, num_tokens=15)
+        probe = s.lookup([keys[0], tail, keys[2]], count=False)
+        assert probe.tiers == (Tier.L1, Tier.L1, None)
+        assert m.value("pdx_store_hits_total", {"tier": "l1", "op": "lookup"}) == 4
+        assert m.value("pdx_store_requests_total", {"op": "lookup", "result": "partial"}) == 1
     finally:
         s.close()
 
