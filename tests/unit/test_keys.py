@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pdx.keys import chunk_keys, tail_key
+from pdx.keys import chunk_keys, tail_candidates, tail_key
 from pdx.layout import KVDtype, KVLayout, MemoryLayout
 
 LAYOUT = KVLayout("tiny", KVDtype.FP32, num_layers=2, num_kv_heads=4, head_size=32, block_size=16)
@@ -133,3 +133,18 @@ def test_tail_keys(tokens: list[int], chunk: int, data: st.DataObject) -> None:
 def test_tail_key_range() -> None:
     with pytest.raises(ValueError, match="outside"):
         tail_key([1, 2, 3], 4, "fp", 2)
+
+
+def test_tail_candidates_are_the_tail_keys_of_every_length_longest_first() -> None:
+    tokens = [(i * 31) % 1000 for i in range(300)]
+    full = chunk_keys(tokens, "fp", 128, salt="s")
+    for index, longest in ((0, 127), (2, 44)):
+        cands = tail_candidates(tokens, index, "fp", 128, full_keys=full, salt="s")
+        assert [n for n, _ in cands] == list(range(longest, 0, -1))
+        assert all(k == tail_key(tokens, index * 128 + n, "fp", 128, salt="s") for n, k in cands)
+        # without the full keys at hand, the same keys (the parent is rehashed)
+        assert cands == tail_candidates(tokens, index, "fp", 128, salt="s")
+    assert tail_candidates(tokens, 2, "fp", 128, full_keys=full, salt="s", min_tokens=40)[-1][0] == 40
+    assert tail_candidates(tokens[:256], 2, "fp", 128) == []  # nothing after the last full chunk
+    with pytest.raises(ValueError, match="starts past"):
+        tail_candidates(tokens, 3, "fp", 128)
