@@ -64,6 +64,7 @@ PROMPTS: dict[str, tuple[int, int]] = {
     "p2p": (PROMPT_TOKENS, 113),
     "p2p_dead_peer": (PROMPT_TOKENS, 114),
     "shared_redis": (PROMPT_TOKENS, 115),
+    "pd_layerwise": (PROMPT_TOKENS, 116),
 }
 
 #: CacheBlend (``test_blend_connector.py``): parts ``(tokens, seed)``, and prompts composed of them
