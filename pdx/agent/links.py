@@ -70,12 +70,6 @@ class Links:
         self._links: dict[str, PeerLink] = {}
         self._links_lock = threading.Lock()
 
-    def cached(self, address: str) -> PeerLink | None:
-        """The session with ``address`` if one is open and fresh, else None (never dials)."""
-        with self._links_lock:
-            link = self._links.get(address)
-        return link if link is not None and not link.stale(time.monotonic()) else None
-
     def link(self, address: str, timeout: float) -> PeerLink:
         """The session with the peer at ``address`` (hello + transport connect on first use)."""
         now = time.monotonic()

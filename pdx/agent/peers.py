@@ -95,6 +95,8 @@ class PeerService:
         self.expected = Expectations()
         #: chunks peers pushed layer by layer for a request of ours (``pdx.agent.push``)
         self.staging = Staging(self._settle_staged)
+        #: request id -> the agent this agent pushed its chunks to (``Pushes.pushed_to``; set by the server)
+        self.pushed_to: Callable[[str], str] | None = None
         self.known = KnownPeers(cfg.transport.peers, bool(cfg.registration.proxy_url))
         #: asks the proxy for its current list of agents (set when registration is on); blocking
         self.refresh_known: Callable[[], object] | None = None
@@ -231,6 +233,9 @@ class PeerService:
             with self.sessions.lock:
                 # the decode side fetched at least one of the request's chunks (it may hold the others)
                 ok = any(k in s.keys for k in keys)
+            if not ok and name.startswith(HANDOFF_PREFIX) and self.pushed_to is not None:
+                # or this agent pushed the request's chunks to that decode agent (layer-wise P/D)
+                ok = bool(s.address) and self.pushed_to(name[len(HANDOFF_PREFIX):]) == s.address
             if not ok:
                 raise self.sessions.deny(s, "peer_release", f"owner {name!r} is not this peer's")
             n = store.release_owner(name)

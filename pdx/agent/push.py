@@ -33,6 +33,7 @@ import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +49,8 @@ log = logging.getLogger("pdx.agent.push")
 
 #: most pushes an agent keeps open at once (each holds a transfer thread while its prefill runs)
 MAX_PUSHES = 64
+#: sealed pushes remembered for the release of their hand-off pins
+MAX_REMEMBERED = 4096
 
 
 # --- the decode side: staged chunks ---------------------------------------------------------------
@@ -209,6 +212,9 @@ class Pushes:
         self._lock = threading.Lock()
         self._next = 1
         self._open: dict[int, _Push] = {}
+        #: request id -> the decode agent its chunks were pushed to (sealed pushes, most recent last):
+        #: that agent may release the request's hand-off pins here (``pd:<request>``) once it took them
+        self._pushed: OrderedDict[str, str] = OrderedDict()
         #: counters (status, tests)
         self.opened = 0
         self.sealed = 0
@@ -265,6 +271,11 @@ class Pushes:
             return False
         push.events.put(("abandon", None))
         return True
+
+    def pushed_to(self, stage_id: str) -> str:
+        """The peer address the chunks of request ``stage_id`` were pushed to ('' if none)."""
+        with self._lock:
+            return self._pushed.get(stage_id, "")
 
     def active(self) -> int:
         with self._lock:
@@ -362,6 +373,11 @@ class Pushes:
             link.client.call(Op.PEER_STAGED, StagedArgs(push.stage_id, ids, csums, toks), self._left(push))
             self.sealed += 1
             self.bytes += push.bytes_sent
+            with self._lock:
+                self._pushed[push.stage_id] = push.peer
+                self._pushed.move_to_end(push.stage_id)
+                while len(self._pushed) > MAX_REMEMBERED:
+                    self._pushed.popitem(last=False)
             log.debug("push %d of request %s: %d chunks, %d bytes in %d layers sealed at %s", push.id,
                       push.stage_id, len(ids), push.bytes_sent, push.layers_sent, push.peer)
             return

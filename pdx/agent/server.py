@@ -136,6 +136,7 @@ class AgentServer:
         self.transfers = Transfers(self.ctx, self.links, check_peer=self.peers.check_known)
         self.transfers.staging = self.peers.staging
         self.pushes = Pushes(self.ctx, self.links, check_peer=self.peers.check_known)
+        self.peers.pushed_to = self.pushes.pushed_to
         # read when /metrics is scraped (the store's lock, no I/O)
         self.metrics.leases_active.set_function(lambda: self.store.stats().leases if self.store else 0)
         self.engine: EngineSupervisor | None = None

@@ -135,8 +135,8 @@ class Transfers:
             need, staged = self._take_staged(job, store, need, remote_owner[3:], results, pin)
         try:
             if not need:
-                if staged and remote_owner:  # the prefill side's pins for this request can go now (over a
-                    link = self.links.cached(job.peer)  # session we hold: no new dial on this path)
+                if staged and remote_owner:  # the prefill side's pins for this request can go now
+                    self._release_staged_later(job.peer, remote_owner)
                 return staged
             link = self.links.link(job.peer, self._left(job))
             lease = min(max(self._left(job) + 5.0, 10.0), ctx.config.leases.max_s)
@@ -270,6 +270,22 @@ class Transfers:
         """Drop the peer's pins off the job's critical path (their leases expire anyway)."""
         try:
             self.ctx.control.submit(self._release_remote, link, owner, remote_owner)
+        except RuntimeError:  # shutting down
+            pass
+
+    def _release_staged_later(self, address: str, remote_owner: str) -> None:
+        """Every chunk came staged (layer-wise P/D): release the prefill side's hand-off pins off the
+        critical path, over a session opened there if this agent holds none."""
+        def run() -> None:
+            try:
+                link = self.links.link(address, 5.0)
+            except (PdxError, OSError) as exc:  # the lease expires on its own
+                log.info("could not release pins of %s at %s: %s", remote_owner, address, exc)
+                return
+            self._release_remote(link, "", remote_owner)
+
+        try:
+            self.ctx.control.submit(run)
         except RuntimeError:  # shutting down
             pass
 

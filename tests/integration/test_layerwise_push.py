@@ -157,3 +157,19 @@ def test_without_a_stage_the_fetch_is_the_ordinary_one(pair: tuple[Side, Side], 
     info = b.client.wait(job, 30)
     assert [c.status for c in info.chunks] == [ChunkStatus.DONE] * 2, info.error
     b.client.release("load:lw-4")
+
+
+def test_the_decode_side_releases_the_prefill_side_pins_of_a_staged_request(pair: tuple[Side, Side]) -> None:
+    a, b = pair
+    keys, payloads = push_layers(a, b, "req-lw-5", 3, seed=5, keep=True)
+    leases = int(a.client.stats()["pool"]["leases"])
+    assert all(p.lease_id for p in a.client.pin(keys, owner="pd:req-lw-5", lease_s=120))  # the hand-off pins
+    assert int(a.client.stats()["pool"]["leases"]) == leases + 3
+    job = b.client.fetch(a.proc.peer_address, keys, "load:lw-5", deadline_s=20, remote_owner="pd:req-lw-5")
+    info = b.client.wait(job, 30)
+    assert [c.status for c in info.chunks] == [ChunkStatus.DONE] * 3, info.error
+    for c, p in zip(info.chunks, payloads):
+        assert b.pool.view(c.offset, c.nbytes).tobytes() == p
+    # only the agent the chunks were pushed to may release them, and it does, off the fetch's path
+    assert wait_until(lambda: int(a.client.stats()["pool"]["leases"]) == leases)
+    b.client.release("load:lw-5")
