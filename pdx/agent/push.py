@@ -72,7 +72,12 @@ class Stage:
     expires: float
     session: Any = None  # the session whose write grants cover the staged slabs
     chunks: dict[bytes, StagedChunk] = field(default_factory=dict)
-    sealed: bool = False
+    #: pushes staged here and not sealed yet (one per prefill step of the request)
+    pending: int = 0
+
+    @property
+    def sealed(self) -> bool:
+        return self.pending == 0
 
 
 class Staging:
@@ -107,7 +112,7 @@ class Staging:
             if st is None:
                 st = self._stages[(address, stage_id)] = Stage(address, stage_id, now, now + ttl_s, session)
             st.expires = max(st.expires, now + ttl_s)
-            st.sealed = False  # a later step of the same request: wait for its seal too
+            st.pending += 1  # each push (a prefill step) seals once
             for k, row in zip(keys, rows):
                 if row.id and bytes(k) not in st.chunks:
                     st.chunks[bytes(k)] = StagedChunk(row.id, row.nbytes)
@@ -127,7 +132,7 @@ class Staging:
                 if c is not None:
                     c.checksum, c.num_tokens = int(csum), int(ntok)
                     n += 1
-            st.sealed = True
+            st.pending = max(0, st.pending - 1)
             self._cond.notify_all()
             return n
 

@@ -218,6 +218,20 @@ def test_take_wakes_up_on_the_seal() -> None:
     assert got == [(k[0], 7, 77, 16)]
 
 
+def test_a_request_prefilled_in_two_steps_is_sealed_once_both_pushes_are() -> None:
+    st = Staging(_Settled())
+    k = [bytes([i]) * 16 for i in range(2)]
+    st.add("p", "req", k[:1], _rows(1), ttl_s=30)  # step 1's push
+    st.add("p", "req", k[1:], _rows(2), ttl_s=30)  # step 2's push, staged before step 1's seal
+    st.seal("p", "req", [1], [11], [16])
+    assert st.take("p", "req", k, wait_s=0.05) == [(k[0], 1, 11, 16)]  # step 2 unsealed: not taken
+    st.add("p", "r2", k[:1], _rows(3), ttl_s=30)
+    st.add("p", "r2", k[1:], _rows(4), ttl_s=30)
+    st.seal("p", "r2", [3], [33], [16])
+    st.seal("p", "r2", [4], [44], [16])
+    assert st.take("p", "r2", k, wait_s=0) == [(k[0], 3, 33, 16), (k[1], 4, 44, 16)]
+
+
 def test_expired_stages_are_forgotten() -> None:
     now = [100.0]
     st = Staging(_Settled(), clock=lambda: now[0])
