@@ -22,6 +22,8 @@ WORKLOADS = {
     "soak": "mixed load on a 'pdx up' deployment while faults hit it: ok ratio, wrong tokens, leaks",
     "fleet": "2P2D over two network namespaces on real vLLM: TTFT p50/p99 against plain vLLM, and a "
              "peer-to-peer fetch between the hosts' agents against the bare tcp transport (needs root)",
+    "layerwise": "P/D over a shaped link (two network namespaces, tc tbf): layer-wise streaming of the "
+                 "prefill's KV against whole-prompt transfer, TTFT and the transfer's share (needs root)",
 }
 
 

@@ -505,6 +505,10 @@ class ConnectorConfig:
     sync_l1_loads: bool = doc_field(
         True, "load hits held entirely in L1 within the step that computes the rest of the prompt; "
         "false = every load is asynchronous")
+    layerwise: bool = doc_field(
+        True, "layer-wise P/D: when a prefill request names its decode agent (the proxy's "
+        "pd_layerwise), stream each layer's KV to it as soon as the layer is computed; false = the "
+        "decode side fetches the whole prompt after prefill")
     idle_wait_ms: float = doc_field(
         2.0, "in a step without a forward pass, wait up to this long for a load in flight to finish "
         "(stops vLLM's polling from starving the loader on few cores); 0 = never wait")
@@ -688,6 +692,9 @@ class ProxyConfig:
     unhealthy_after: int = doc_field(2, "failed health checks in a row before a worker leaves the pool")
     heartbeat_timeout_s: float = doc_field(
         5.0, "a worker whose agent announced itself leaves the pool after this long without a heartbeat")
+    pd_layerwise: bool = doc_field(
+        False, "layer-wise P/D: name the decode worker's agent in the prefill request, so that the "
+        "prefill streams each layer's KV to it while the next layers compute (docs/connector.md)")
     log_requests: bool = doc_field(False, "log one line per request (id, workers, status, timings)")
     shutdown_grace_s: float = doc_field(
         5.0, "on stop, requests in flight get this long to finish before they are cancelled")

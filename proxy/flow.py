@@ -49,7 +49,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -246,7 +246,8 @@ class PDFlow:
         kv_params: Any = None
         prefill_used: Worker | None = None
         if route.prefill:
-            got = await self._prefill(endpoint, body, rreq, route.prefill, headers)
+            got = await self._prefill(endpoint, body, rreq, route.prefill, headers,
+                                      self._push_target(route.decode))
             if isinstance(got, Passthrough):
                 return self._passthrough(got, rid)
             if got is not None:
@@ -303,8 +304,16 @@ class PDFlow:
         return web.Response(status=p.status, body=p.body, headers={"X-Request-Id": rid},
                             content_type=p.content_type or "application/json")
 
+    def _push_target(self, decode: Sequence[Worker]) -> str:
+        """Layer-wise P/D (``pd_layerwise``): the peer address of the decode worker tried first, to
+        which the prefill streams each layer as it is computed; '' when off or its agent is unknown."""
+        if not self.cfg.pd_layerwise or not decode:
+            return ""
+        ann = decode[0].announcement
+        return ann.transport_address if ann is not None else ""
+
     async def _prefill(self, endpoint: Endpoint, body: dict[str, Any], rreq: RouteRequest,
-                       workers: Sequence[Worker], headers: dict[str, str],
+                       workers: Sequence[Worker], headers: dict[str, str], push_to: str = "",
                        ) -> tuple[Any, Worker] | Passthrough | None:
         """``(kv_transfer_params, worker)``, a client-error ``Passthrough``, or None (fall back)."""
         pbody = {k: v for k, v in body.items() if k not in _PREFILL_DROP}
@@ -312,7 +321,8 @@ class PDFlow:
         pbody["max_tokens"] = 1
         if endpoint is Endpoint.CHAT:
             pbody["max_completion_tokens"] = 1
-        pbody["kv_transfer_params"] = {"do_remote_decode": True}
+        push = {"push": {"agent": push_to}} if push_to else {}
+        pbody["kv_transfer_params"] = {"do_remote_decode": True, **({"pdx": {"v": 2, **push}} if push else {})}
         plain = json.dumps(pbody, separators=(",", ":")).encode()
         cost = rreq.cost(Side.PREFILL)
         failures: list[str] = []
@@ -324,8 +334,10 @@ class PDFlow:
             if hint is not None:
                 log.debug("request %s: prefill worker %s may fetch %d chunks from %s", rreq.request_id,
                           w.id, hint.extra_chunks, hint.worker_id)
-                data = json.dumps({**pbody, "kv_transfer_params": hint.params(remote_decode=True)},
-                                  separators=(",", ":")).encode()
+                params = hint.params(remote_decode=True)
+                if push:
+                    params["pdx"] = {**cast(dict[str, Any], params["pdx"]), **push}
+                data = json.dumps({**pbody, "kv_transfer_params": params}, separators=(",", ":")).encode()
             computes = self._tokens_to_compute(rreq, w, hint.chunks if hint is not None else 0)
             self.registry.begin(w, cost)
             t_call = time.perf_counter()

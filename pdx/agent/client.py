@@ -47,6 +47,9 @@ from pdx.agent.protocol import (
     Op,
     OwnerArgs,
     PinArgs,
+    PushLayerArgs,
+    PushOpenArgs,
+    PushSealArgs,
     RegisterArgs,
     ReserveArgs,
     SendArgs,
@@ -302,6 +305,23 @@ class AgentClient:
         """Let peers push ``keys`` into this agent (their ``send``) until ``deadline_s``; a peer may
         reserve nothing else here. ``release(request_id)`` withdraws them."""
         return int(self.call(Op.EXPECT, ExpectArgs(list(keys), request_id, deadline_s or 0.0), timeout))
+
+    def push_open(self, peer: str, request_id: str, keys: Sequence[bytes], offsets: Sequence[int],
+                  nbytes: Sequence[int], num_layers: int, deadline_s: float | None = None,
+                  timeout: float | None = None) -> int:
+        """Start streaming reserved slabs layer by layer to the decode agent at ``peer``, staged there
+        for its fetch of ``request_id`` (``pdx.agent.push``); returns a push id (0: not started)."""
+        args = PushOpenArgs(peer, request_id, list(keys), list(offsets), list(nbytes), num_layers, deadline_s or 0.0)
+        return int(self.call(Op.PUSH_OPEN, args, timeout))
+
+    def push_layer(self, push_id: int, layer: int, timeout: float | None = None) -> bool:
+        """Layer ``layer`` of every slab of the push is written: send it."""
+        return bool(self.call(Op.PUSH_LAYER, PushLayerArgs(push_id, layer), timeout))
+
+    def push_seal(self, push_id: int, checksums: Sequence[int], num_tokens: Sequence[int],
+                  timeout: float | None = None) -> bool:
+        """Every layer was pushed and the chunks committed with ``checksums``: seal the stage."""
+        return bool(self.call(Op.PUSH_SEAL, PushSealArgs(push_id, list(checksums), list(num_tokens)), timeout))
 
     def job_status(self, job_id: int, timeout: float | None = None) -> JobInfo:
         info: JobInfo = self.call(Op.JOB_STATUS, JobArgs(job_id), timeout)

@@ -35,8 +35,11 @@ from pdx.agent.protocol import (
     PinArgs,
     Request,
     ReserveArgs,
+    StageArgs,
+    StagedArgs,
     UnpinArgs,
 )
+from pdx.agent.push import Staging
 from pdx.agent.trust import Expectations, Grant, KnownPeers, Session, Sessions
 from pdx.agent.types import HelloReply, Outcome, PinInfo, ReserveRow
 from pdx.errors import AuthError, ErrorCode, PeerDenied, PeerIncompatible, StoreError, WireError, code_of
@@ -58,6 +61,8 @@ CHALLENGE_TTL_S = 30.0
 #: owners of the pins a prefill keeps for the decode side (``pd:<request id>``): the decode agent
 #: that fetched any of their chunks may release them once its fetch is over.
 HANDOFF_PREFIX = "pd:"
+#: the owner of a session's grant on a staging slab (``peer_stage``): written, never committed by the peer
+STAGED = "staged"
 #: pending challenges kept at most.
 MAX_CHALLENGES = 4096
 
@@ -88,6 +93,10 @@ class PeerService:
         cfg = ctx.config
         self.sessions = Sessions(lambda op: ctx.metrics.peer_denied.labels(op=op).inc())
         self.expected = Expectations()
+        #: chunks peers pushed layer by layer for a request of ours (``pdx.agent.push``)
+        self.staging = Staging(self._settle_staged)
+        #: request id -> the agent this agent pushed its chunks to (``Pushes.pushed_to``; set by the server)
+        self.pushed_to: Callable[[str], str] | None = None
         self.known = KnownPeers(cfg.transport.peers, bool(cfg.registration.proxy_url))
         #: asks the proxy for its current list of agents (set when registration is on); blocking
         self.refresh_known: Callable[[], object] | None = None
@@ -99,7 +108,8 @@ class PeerService:
     def handlers(self) -> dict[Op, Any]:
         return {Op.PING: lambda a, _s: self._ping(a), Op.PEER_HELLO: self.h_hello, Op.PEER_PIN: self.h_pin,
                 Op.PEER_UNPIN: self.h_unpin, Op.PEER_RELEASE: self.h_release,
-                Op.PEER_RESERVE: self.h_reserve, Op.PEER_COMMIT: self.h_commit, Op.PEER_ABORT: self.h_abort}
+                Op.PEER_RESERVE: self.h_reserve, Op.PEER_COMMIT: self.h_commit, Op.PEER_ABORT: self.h_abort,
+                Op.PEER_STAGE: self.h_stage, Op.PEER_STAGED: self.h_staged}
 
     def check_auth(self, req: Request) -> Session | None:
         """The peer endpoint's gate: every op but hello/ping needs a live session token."""
@@ -223,6 +233,9 @@ class PeerService:
             with self.sessions.lock:
                 # the decode side fetched at least one of the request's chunks (it may hold the others)
                 ok = any(k in s.keys for k in keys)
+            if not ok and name.startswith(HANDOFF_PREFIX) and self.pushed_to is not None:
+                # or this agent pushed the request's chunks to that decode agent (layer-wise P/D)
+                ok = bool(s.address) and self.pushed_to(name[len(HANDOFF_PREFIX):]) == s.address
             if not ok:
                 raise self.sessions.deny(s, "peer_release", f"owner {name!r} is not this peer's")
             n = store.release_owner(name)
@@ -267,6 +280,53 @@ class PeerService:
             self.sessions.deny(s, "peer_reserve", f"quota: at most {self.quota()} slabs per peer")
         return out
 
+    def h_stage(self, a: StageArgs, s: Session) -> list[ReserveRow]:
+        """Reserve staging slabs for the peer's layer-wise push of ``request_id`` (``pdx.agent.push``):
+        within its quota, never visible to lookups; only this agent's fetch of the same request from
+        the same peer commits them, re-hashed against the checksums of the peer's seal."""
+        store, _t, _l = self.ctx.require_store()
+        keys: list[bytes] = a.keys
+        if len(a.nbytes) != len(keys):
+            raise WireError("peer_stage: 'nbytes' needs one size per key")
+        present = store.lookup([ChunkKey(k) for k in keys]).tiers
+        out: list[ReserveRow] = []
+        now = time.monotonic()
+        with self.sessions.lock:
+            room = max(0, self.quota() - s.held(now))
+        for i, key in enumerate(keys):
+            if present[i] is Tier.L1:
+                out.append(ReserveRow(0, code=ErrorCode.PRESENT, error="already held here"))
+                continue
+            if room <= 0:
+                out.append(ReserveRow(0, code=ErrorCode.CAPACITY, error=f"at most {self.quota()} slabs per peer"))
+                continue
+            try:
+                res = store.reserve(ChunkKey(key), a.nbytes[i])
+            except StoreError as exc:
+                out.append(ReserveRow(0, code=code_of(exc), error=str(exc)))
+                continue
+            room -= 1
+            with self.sessions.lock:
+                s.add(s.reservations, res.id, Grant(res.offset, res.nbytes, res.expires_at, key, owner=STAGED))
+            out.append(ReserveRow(res.id, res.offset, res.nbytes))
+        ttl = self.ctx.config.store.l1.reservation_timeout_s
+        self.staging.add(s.address, a.request_id, keys, out, ttl, session=s)
+        return out
+
+    def h_staged(self, a: StagedArgs, s: Session) -> int:
+        if len(a.checksums) != len(a.ids) or len(a.num_tokens) != len(a.ids):
+            raise WireError("peer_staged: 'checksums' and 'num_tokens' need one entry per id")
+        self._own_reservations(s, a.ids, "peer_staged")
+        return self.staging.seal(s.address, a.request_id, a.ids, a.checksums, a.num_tokens)
+
+    def _settle_staged(self, session: Session | None, rid: int, abort: bool) -> None:
+        """End a session's write grant on a staged slab (and abort the reservation if asked)."""
+        if session is not None:
+            with self.sessions.lock:
+                session.drop_reservation(rid)
+        if abort and self.ctx.store is not None:
+            abort_ids(self.ctx.store, [rid])
+
     def _own_reservations(self, s: Session, ids: list[int], op: str) -> list[bytes]:
         with self.sessions.lock:
             foreign = [i for i in ids if i not in s.reservations]
@@ -276,6 +336,10 @@ class PeerService:
 
     def h_commit(self, a: PeerCommitArgs, s: Session) -> Deferred:
         keys = self._own_reservations(s, a.ids, "peer_commit")
+        with self.sessions.lock:
+            staged = next((i for i in a.ids if getattr(s.reservations.get(i), "owner", "") == STAGED), None)
+        if staged is not None:  # staged slabs enter the store only through our own fetch
+            raise self.sessions.deny(s, "peer_commit", f"reservation {staged} is staged, not pushed")
 
         def done(outcomes: list[Outcome]) -> list[Outcome]:
             with self.sessions.lock:

@@ -82,6 +82,10 @@ class Op(str, Enum):
     CANCEL = "cancel"
     STATS = "stats"
     EXPECT = "expect"
+    # layer-wise P/D (``pdx.agent.push``)
+    PUSH_OPEN = "push_open"
+    PUSH_LAYER = "push_layer"
+    PUSH_SEAL = "push_seal"
     # agent <-> agent
     PEER_HELLO = "peer_hello"
     PEER_PIN = "peer_pin"
@@ -90,10 +94,12 @@ class Op(str, Enum):
     PEER_RESERVE = "peer_reserve"
     PEER_COMMIT = "peer_commit"
     PEER_ABORT = "peer_abort"
+    PEER_STAGE = "peer_stage"
+    PEER_STAGED = "peer_staged"
 
 
 _PEER = frozenset({Op.PEER_HELLO, Op.PEER_PIN, Op.PEER_UNPIN, Op.PEER_RELEASE, Op.PEER_RESERVE,
-                   Op.PEER_COMMIT, Op.PEER_ABORT})
+                   Op.PEER_COMMIT, Op.PEER_ABORT, Op.PEER_STAGE, Op.PEER_STAGED})
 LOCAL_OPS = frozenset(op for op in Op if op not in _PEER)
 PEER_OPS = frozenset({Op.PING} | _PEER)
 _OPS_BY_NAME = {op.value: op for op in Op}
@@ -214,6 +220,47 @@ class PeerCommitArgs(_Args):
     num_tokens: U64 | U64s
 
 
+class PushOpenArgs(_Args):
+    """``push_open``: stream the layers of reserved local slabs (``offsets``/``nbytes``, one per key)
+    to the decode agent at ``peer``, staged there for its fetch of ``request_id``."""
+
+    peer: Name
+    request_id: Name
+    keys: Keys
+    offsets: U64s
+    nbytes: U64s
+    num_layers: Annotated[int, Meta(ge=1, le=4096)]
+    deadline_s: Seconds = 0.0
+
+
+class PushLayerArgs(_Args):
+    push_id: U64
+    layer: U64
+
+
+class PushSealArgs(_Args):
+    push_id: U64
+    checksums: U64s
+    num_tokens: U64s
+
+
+class StageArgs(_Args):
+    """``peer_stage``: reserve staging slabs here for the caller's push of ``request_id``."""
+
+    request_id: Name
+    keys: Keys
+    nbytes: U64s
+
+
+class StagedArgs(_Args):
+    """``peer_staged``: every layer of these staged reservations was written; their checksums."""
+
+    request_id: Name
+    ids: U64s
+    checksums: U64s
+    num_tokens: U64s
+
+
 #: each op's argument Struct
 ARGS: dict[Op, type[_Args]] = {
     Op.PING: NoArgs, Op.REGISTER_ENGINE: RegisterArgs, Op.LOOKUP: LookupArgs, Op.RESERVE: ReserveArgs,
@@ -221,7 +268,9 @@ ARGS: dict[Op, type[_Args]] = {
     Op.FETCH: FetchArgs, Op.SEND: SendArgs, Op.JOB_STATUS: JobArgs, Op.WAIT: WaitArgs, Op.CANCEL: JobArgs,
     Op.STATS: NoArgs, Op.EXPECT: ExpectArgs, Op.PEER_HELLO: HelloArgs, Op.PEER_PIN: PinArgs,
     Op.PEER_UNPIN: UnpinArgs, Op.PEER_RELEASE: OwnerArgs, Op.PEER_RESERVE: ReserveArgs,
-    Op.PEER_COMMIT: PeerCommitArgs, Op.PEER_ABORT: IdsArgs,
+    Op.PEER_COMMIT: PeerCommitArgs, Op.PEER_ABORT: IdsArgs, Op.PUSH_OPEN: PushOpenArgs,
+    Op.PUSH_LAYER: PushLayerArgs, Op.PUSH_SEAL: PushSealArgs, Op.PEER_STAGE: StageArgs,
+    Op.PEER_STAGED: StagedArgs,
 }
 assert set(ARGS) == set(Op)
 
@@ -232,7 +281,8 @@ REPLY_TYPES: dict[Op, Any] = {
     Op.UNPIN: U64, Op.RELEASE: U64, Op.FETCH: U64, Op.SEND: U64, Op.JOB_STATUS: JobInfo, Op.WAIT: JobInfo,
     Op.CANCEL: bool, Op.STATS: dict[str, Any], Op.EXPECT: U64, Op.PEER_HELLO: HelloReply,
     Op.PEER_PIN: list[PinInfo], Op.PEER_UNPIN: U64, Op.PEER_RELEASE: U64, Op.PEER_RESERVE: list[ReserveRow],
-    Op.PEER_COMMIT: list[Outcome], Op.PEER_ABORT: U64,
+    Op.PEER_COMMIT: list[Outcome], Op.PEER_ABORT: U64, Op.PUSH_OPEN: U64, Op.PUSH_LAYER: bool,
+    Op.PUSH_SEAL: bool, Op.PEER_STAGE: list[ReserveRow], Op.PEER_STAGED: U64,
 }
 assert set(REPLY_TYPES) == set(Op)
 

@@ -55,12 +55,16 @@ from pdx.agent.protocol import (
     NoArgs,
     OwnerArgs,
     PinArgs,
+    PushLayerArgs,
+    PushOpenArgs,
+    PushSealArgs,
     RegisterArgs,
     ReserveArgs,
     SendArgs,
     UnpinArgs,
     WaitArgs,
 )
+from pdx.agent.push import LocalChunk, Pushes
 from pdx.agent.transfers import Transfers
 from pdx.agent.trust import check_bind, load_secret
 from pdx.agent.types import (
@@ -130,6 +134,9 @@ class AgentServer:
         self.peers = PeerService(self.ctx, ping=self.h_ping)
         self.links = Links(self.ctx, key_at=self.peers.known.key_at)
         self.transfers = Transfers(self.ctx, self.links, check_peer=self.peers.check_known)
+        self.transfers.staging = self.peers.staging
+        self.pushes = Pushes(self.ctx, self.links, check_peer=self.peers.check_known)
+        self.peers.pushed_to = self.pushes.pushed_to
         # read when /metrics is scraped (the store's lock, no I/O)
         self.metrics.leases_active.set_function(lambda: self.store.stats().leases if self.store else 0)
         self.engine: EngineSupervisor | None = None
@@ -232,6 +239,7 @@ class AgentServer:
             self.store.reap()
         self.jobs.prune()
         self.metrics.jobs_active.set(self.jobs.active)
+        self.peers.staging.sweep()
 
     # --- helpers -----------------------------------------------------------------------------
 
@@ -410,6 +418,26 @@ class AgentServer:
         self.peers.expected.add(a.keys, a.request_id, a.deadline_s or self.config.transport.transfer_timeout_s)
         return len(a.keys)
 
+    def h_push_open(self, a: PushOpenArgs) -> int:
+        """Start streaming the layers of reserved slabs to a decode agent (``pdx.agent.push``)."""
+        self.require_store()
+        if self._draining:
+            raise AgentError("the agent is shutting down: no new transfers")
+        n = len(a.keys)
+        if len(a.offsets) != n or len(a.nbytes) != n:
+            raise WireError("push_open: 'offsets' and 'nbytes' need one entry per key")
+        if any(nb % a.num_layers for nb in a.nbytes):
+            raise WireError(f"push_open: chunk sizes are not multiples of {a.num_layers} layers")
+        chunks = [LocalChunk(k, o, nb) for k, o, nb in zip(a.keys, a.offsets, a.nbytes)]
+        return self.pushes.open(a.peer, a.request_id, chunks, a.num_layers,
+                                a.deadline_s or self.config.transport.transfer_timeout_s)
+
+    def h_push_layer(self, a: PushLayerArgs) -> bool:
+        return self.pushes.layer(a.push_id, a.layer)
+
+    def h_push_seal(self, a: PushSealArgs) -> bool:
+        return self.pushes.seal(a.push_id, a.checksums, a.num_tokens)
+
     def _job(self, job_id: int) -> Job:
         job = self.jobs.get(job_id)
         if job is None:
@@ -478,6 +506,9 @@ class AgentServer:
             "engine": self.engine.status().to_dict() if self.engine is not None else {"state": "none"},
             "engine_pids": list(self.engine_pids),
             "engine_url": self.engine_url,
+            "push": {"open": self.pushes.active(), "opened": self.pushes.opened, "sealed": self.pushes.sealed,
+                     "failed": self.pushes.failed, "layers": self.pushes.layers, "bytes": self.pushes.bytes,
+                     "stages": len(self.peers.staging), "staged_taken": self.peers.staging.taken},
         }
         if store is not None:
             st = store.stats()

@@ -74,6 +74,8 @@ class Transfers:
         self._check_peer = check_peer
         # Commits of received chunks (hashing) run here, beside the job threads; never waits on them.
         self._committer = ThreadPoolExecutor(1, thread_name_prefix="pdx-agent-commit")
+        #: chunks peers pushed layer by layer (``pdx.agent.push.Staging``); None: no layer-wise P/D
+        self.staging: Any = None
 
     def submit(self, job: Job, **kw: Any) -> Future[None]:
         run = self._fetch if job.kind is JobKind.FETCH else self._send
@@ -128,9 +130,14 @@ class Transfers:
                 need.append(k)
         owner = f"fetch:{ctx.agent_id}:{ctx.instance}:{job.id}"
         link: PeerLink | None = None
+        staged = 0
+        if need and remote_owner.startswith("pd:") and self.staging is not None:
+            need, staged = self._take_staged(job, store, need, remote_owner[3:], results, pin)
         try:
             if not need:
-                return 0
+                if staged and remote_owner:  # the prefill side's pins for this request can go now
+                    self._release_staged_later(job.peer, remote_owner)
+                return staged
             link = self.links.link(job.peer, self._left(job))
             lease = min(max(self._left(job) + 5.0, 10.0), ctx.config.leases.max_s)
             pins: list[PinInfo] = link.client.call(Op.PEER_PIN, PinArgs(list(need), owner, lease), self._left(job))
@@ -149,7 +156,7 @@ class Transfers:
                     continue
                 ops.append(ChunkOp(res.offset, pin_.offset, pin_.nbytes))
                 moving.append((k, res.id, pin_.checksum, pin_.num_tokens))
-            moved = self._move(job, transport, link, OpKind.READ, ops, moving, results, store, pin)
+            moved = staged + self._move(job, transport, link, OpKind.READ, ops, moving, results, store, pin)
             if pin:  # an engine's load: count what came over the peer plane, by why it was fetched
                 source = "pd" if remote_owner else "peer"
                 tokens = sum(results[k].num_tokens for k in need
@@ -160,6 +167,25 @@ class Transfers:
         finally:
             if link is not None:
                 self._release_later(link, owner, remote_owner)
+
+    def _take_staged(self, job: Job, store: Any, need: list[ChunkKey], stage_id: str,
+                     results: dict[bytes, ChunkResult], pin: bool) -> tuple[list[ChunkKey], int]:
+        """Commit the chunks the peer pushed layer by layer for this request (``pdx.agent.push``),
+        each re-hashed against the peer's checksum; returns the keys still to fetch and the bytes kept.
+        Waits for the push's seal up to half the job's time left."""
+        if not self.staging.has(job.peer, stage_id):
+            return need, 0
+        t0 = time.perf_counter()
+        taken = self.staging.take(job.peer, stage_id, need, wait_s=job.time_left() / 2)
+        kept = sum(self._land(job, store, (ChunkKey(k), rid, csum, ntok), OpStatus.DONE, "", results, pin)
+                   for k, rid, csum, ntok in taken)
+        rest = [k for k in need if k not in results or not results[k].status.usable]
+        if pin and len(rest) < len(need):
+            tokens = sum(results[k].num_tokens for k in need if k in results and results[k].status.usable)
+            self.ctx.metrics.loaded_tokens.labels(source="pd").inc(tokens)
+        log.debug("fetch job %d: %d of %d chunks were staged by %s (%.1f ms)", job.id, len(need) - len(rest),
+                  len(need), job.peer, (time.perf_counter() - t0) * 1e3)
+        return rest, kept
 
     def _move(self, job: Job, transport: Any, link: PeerLink, kind: OpKind, ops: list[ChunkOp],
               moving: list[tuple[ChunkKey, int, int, int]], results: dict[bytes, ChunkResult],
@@ -244,6 +270,22 @@ class Transfers:
         """Drop the peer's pins off the job's critical path (their leases expire anyway)."""
         try:
             self.ctx.control.submit(self._release_remote, link, owner, remote_owner)
+        except RuntimeError:  # shutting down
+            pass
+
+    def _release_staged_later(self, address: str, remote_owner: str) -> None:
+        """Every chunk came staged (layer-wise P/D): release the prefill side's hand-off pins off the
+        critical path, over a session opened there if this agent holds none."""
+        def run() -> None:
+            try:
+                link = self.links.link(address, 5.0)
+            except (PdxError, OSError) as exc:  # the lease expires on its own
+                log.info("could not release pins of %s at %s: %s", remote_owner, address, exc)
+                return
+            self._release_remote(link, "", remote_owner)
+
+        try:
+            self.ctx.control.submit(run)
         except RuntimeError:  # shutting down
             pass
 

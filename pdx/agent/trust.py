@@ -196,6 +196,10 @@ class Session:
             g = table.get(gid)
             if g is not None and g.expires_at > now and nbytes <= g.nbytes:
                 return True
+        if write:  # a layer-wise push writes one layer of a slab: a range inside a reservation
+            for g in table.values():
+                if g.offset < offset and offset + nbytes <= g.offset + g.nbytes and g.expires_at > now:
+                    return True
         return False
 
 

@@ -125,6 +125,8 @@ class StoreSpec:
     req_id: str
     block_ids: tuple[int, ...]
     chunks: tuple[ChunkStore, ...]
+    #: layer-wise P/D: the decode agent (peer address) each layer is streamed to as it is computed
+    push: str = ""
 
 
 @dataclass

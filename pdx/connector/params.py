@@ -179,6 +179,9 @@ class RequestParams:
     remote_decode: bool = False
     remote: RemotePrefill | None = None
     hint: PeerHint | None = None
+    #: layer-wise P/D: the decode agent (peer address) this prefill streams each layer to as it is
+    #: computed (``{"pdx": {"v": 2, "push": {"agent": ...}}}`` beside ``do_remote_decode``)
+    push: str = ""
 
 
 NO_PARAMS = RequestParams()
@@ -209,17 +212,45 @@ def parse_request_params(raw: object) -> RequestParams:
     hint = None
     if remote is None and isinstance(block, Mapping) and "hint" in block:
         hint = _hint_block(block)
-    return RequestParams(remote_decode=remote_decode, remote=remote, hint=hint)
+    push = ""
+    if remote is None and isinstance(block, Mapping) and "push" in block:
+        push = _push_block(block)
+    return RequestParams(remote_decode=remote_decode, remote=remote, hint=hint, push=push)
+
+
+class PushWire(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A layer-wise push target as it travels (``{"pdx": {"v": ..., "push": <this>}}``)."""
+
+    agent: Annotated[str, Meta(min_length=1, max_length=MAX_STR)]  # the decode agent's peer address
+
+
+def push_params(agent: str) -> dict[str, Any]:
+    """The ``"pdx"`` field a prefill request carries for layer-wise P/D (merged beside a hint)."""
+    return {"push": {"agent": agent}}
+
+
+def _push_block(block: Mapping[str, Any]) -> str:
+    if block.get("v", PARAMS_VERSION) != PARAMS_VERSION:
+        raise TransferParamsError(
+            f"kv_transfer_params.pdx.v: this engine speaks version {PARAMS_VERSION}, got {block.get('v')!r}")
+    unknown = sorted(set(block) - {"v", "hint", "push"})
+    if unknown:
+        raise TransferParamsError(f"kv_transfer_params.pdx: unknown field {unknown[0]!r} beside push; "
+                                  "allowed: hint, push, v")
+    try:
+        return msgspec.convert(block["push"], PushWire, strict=True).agent
+    except msgspec.ValidationError as exc:
+        raise TransferParamsError(f"kv_transfer_params.pdx.push: {exc}") from None
 
 
 def _hint_block(block: Mapping[str, Any]) -> PeerHint:
     if block.get("v", PARAMS_VERSION) != PARAMS_VERSION:
         raise TransferParamsError(
             f"kv_transfer_params.pdx.v: this engine speaks version {PARAMS_VERSION}, got {block.get('v')!r}")
-    unknown = sorted(set(block) - {"v", "hint"})
+    unknown = sorted(set(block) - {"v", "hint", "push"})
     if unknown:
         raise TransferParamsError(f"kv_transfer_params.pdx: unknown field {unknown[0]!r} beside a hint; "
-                                  "allowed: hint, v")
+                                  "allowed: hint, push, v")
     return PeerHint.from_dict(block["hint"])
 
 

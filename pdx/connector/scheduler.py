@@ -141,6 +141,8 @@ class SchedulerSettings:
     #: prompt (a memory copy; no extra scheduler round trip). Anything needing I/O (disk, Redis,
     #: a peer) is always loaded asynchronously.
     sync_l1_loads: bool = True
+    #: layer-wise P/D: stream each layer to the decode agent a prefill request names (``pdx.push``)
+    layerwise: bool = True
 
     def __post_init__(self) -> None:
         if self.chunk_tokens <= 0 or self.block_size <= 0:
@@ -608,7 +610,9 @@ class PdxSchedulerSide:
             log.warning("request %s: %d blocks known, %d needed to store tokens up to %d; not storing",
                         st.req_id, len(st.block_ids), need_blocks, end)
             return
-        plan.stores.append(StoreSpec(req_id=st.req_id, block_ids=tuple(st.block_ids), chunks=tuple(chunks)))
+        push = st.params.push if st.params.remote_decode and self.settings.layerwise else ""
+        plan.stores.append(StoreSpec(req_id=st.req_id, block_ids=tuple(st.block_ids), chunks=tuple(chunks),
+                                     push=push))
         self.stats.stored_chunks_planned += len(chunks)
         st.store_next = max(st.store_next, last)
         st.tail_stored = st.tail_stored or tail

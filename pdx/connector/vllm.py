@@ -165,6 +165,7 @@ class PdxConnector(KVConnectorBase_V1):
         self._idle_step = False
         self._clients: list[Any] = []
         self._stats_sent: dict[str, int] = {}
+        self._layer_index: dict[str, int] = {}
         if role == KVConnectorRole.SCHEDULER:
             self._scheduler = self._make_scheduler(vllm_config)
 
@@ -201,7 +202,8 @@ class PdxConnector(KVConnectorBase_V1):
             chunk_tokens=info.chunk_tokens, block_size=self.block_size,
             chunk_fingerprint=layout.chunk_fingerprint, namespace=info.namespace, store=self.stores,
             reuse=self.config.reuse, peer_address=info.peer_address, lease_s=self.config.lease_s,
-            min_load_tokens=self.config.min_load_tokens, sync_l1_loads=self.config.sync_l1_loads)
+            min_load_tokens=self.config.min_load_tokens, sync_l1_loads=self.config.sync_l1_loads,
+            layerwise=self.config.layerwise)
         port = SchedulerPort(client, self.config.lookup_timeout_s, self.config.lookup_remote,
                              self.config.agent_timeout_s)
         log.info("PdxConnector (%s, scheduler): agent %s, %d-token chunks, fingerprint %s, peer address %s",
@@ -214,6 +216,7 @@ class PdxConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         names = sorted(kv_caches, key=_layer_order)
         layers = [kv_caches[n] for n in names]
+        self._layer_index = {n: i for i, n in enumerate(names)}
         layout = self._detect(names, layers)
         client = self._client()
         cfg = self.config
@@ -294,11 +297,21 @@ class PdxConnector(KVConnectorBase_V1):
             self._require_worker().start_loads(plan)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads are asynchronous: vLLM schedules a request only once its load finished
+        # Loads are asynchronous: vLLM schedules a request only once its load finished (a layer-wise
+        # P/D load included: the decode side starts once every layer landed and was verified).
+        return
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata,
                       **kwargs: Any) -> None:
-        return  # stores run once per step in wait_for_save, after every layer wrote its KV
+        # Stores run once per step in wait_for_save, after every layer wrote its KV; only a prefill
+        # for a decode agent that asked for layer-wise streaming (StoreSpec.push) acts per layer.
+        plan = self._plan()
+        if plan is None or not plan.stores or self._worker is None:
+            return
+        if any(spec.push for spec in plan.stores):
+            layer = self._layer_index.get(layer_name)
+            if layer is not None:
+                self._worker.save_layer(plan, layer)
 
     def wait_for_save(self) -> None:
         plan = self._plan()

@@ -43,7 +43,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -87,6 +87,15 @@ class WorkerAgent(Protocol):
 
     def cancel(self, job_id: int, timeout: float | None = None) -> bool: ...
 
+    def push_open(self, peer: str, request_id: str, keys: Sequence[bytes], offsets: Sequence[int],
+                  nbytes: Sequence[int], num_layers: int, deadline_s: float | None = None,
+                  timeout: float | None = None) -> int: ...
+
+    def push_layer(self, push_id: int, layer: int, timeout: float | None = None) -> bool: ...
+
+    def push_seal(self, push_id: int, checksums: Sequence[int], num_tokens: Sequence[int],
+                  timeout: float | None = None) -> bool: ...
+
 
 class Codec(Protocol):
     """Pack/unpack of one chunk between the engine's paged KV and a chunk buffer.
@@ -99,6 +108,10 @@ class Codec(Protocol):
 
     def unpack_batch(self, chunks: Sequence[tuple[Sequence[tuple[int, int, int]], np.ndarray]]) -> None:
         """Unpack several chunks (``(spans, data)`` each) in one call."""
+
+    def pack_layer(self, layer: int, spans: Sequence[tuple[int, int, int]], out: np.ndarray) -> None:
+        """Pack one layer of the tokens of ``spans`` into ``out``: that layer's part of the chunk
+        format (K then V), which is the layer's contiguous byte range of a packed chunk."""
 
 
 class KernelCodec:
@@ -118,6 +131,14 @@ class KernelCodec:
         from pdx.kernels import unpack_batch
 
         unpack_batch(self.layers, self.layout, [(data, spans) for spans, data in chunks], impl=self.impl)
+
+    def pack_layer(self, layer: int, spans: Sequence[tuple[int, int, int]], out: np.ndarray) -> None:
+        import dataclasses
+
+        from pdx.kernels import pack
+
+        one = dataclasses.replace(self.layout, num_layers=1)
+        pack([self.layers[layer]], one, spans, out, impl=self.impl)
 
 
 class Pool(Protocol):
@@ -164,6 +185,9 @@ class WorkerStats:
     blend_recomputed: int = 0
     blend_failures: int = 0
     blend_seconds: float = 0.0
+    #: layer-wise P/D: chunks streamed to a decode agent layer by layer, pushes that could not start
+    pushed_chunks: int = 0
+    push_errors: int = 0
 
 
 class PdxWorkerSide:
@@ -191,6 +215,9 @@ class PdxWorkerSide:
         self._inflight: set[str] = set()
         self._queue: queue.Queue[LoadSpec | None] = queue.Queue()
         self._closed = False
+        # layer-wise P/D: the step whose layers are being pushed, and each pushed request's slabs
+        self._push_plan: StepPlan | None = None
+        self._pushes: dict[str, _LayerPush] = {}
         self._thread = threading.Thread(target=self._loader, name="pdx-loader", daemon=True)
         self._thread.start()
 
@@ -518,11 +545,84 @@ class PdxWorkerSide:
 
     # --- stores --------------------------------------------------------------------------------
 
+    def save_layer(self, plan: StepPlan, layer: int) -> None:
+        """Layer-wise P/D (vLLM's ``save_kv_layer``): layer ``layer`` of this step is computed. For
+        each store of the plan that names a decode agent (``StoreSpec.push``), the first call of the
+        step reserves the chunks' slabs and opens a push with the local agent; every call packs that
+        layer of each chunk into its slab (one contiguous range of the chunk format) and hands it to
+        the agent, which streams it while the next layers compute. ``store`` then finishes these
+        chunks (checksum, commit, seal). Failures are logged: the store then runs as usual and the
+        decode side fetches (or recomputes) what was not pushed."""
+        if plan is not self._push_plan:
+            self._drop_pushes()
+            self._push_plan = plan
+            for spec in plan.stores:
+                if spec.push:
+                    self._open_push(spec)
+        for lp in self._pushes.values():
+            if layer in lp.packed or not 0 <= layer < self.layout.num_layers:
+                continue
+            try:
+                self._push_layer(lp, layer)
+            except Exception as exc:  # never fail the forward pass: store() packs what is missing
+                self.stats.push_errors += 1
+                log.warning("request %s: pushing layer %d failed: %s", lp.spec.req_id, layer, exc)
+                lp.push_id = 0
+
+    def _open_push(self, spec: StoreSpec) -> None:
+        ct = self.settings.chunk_tokens
+        tokens = [c.num_tokens or ct for c in spec.chunks]
+        try:
+            self._check_agent()
+            rows = self._agent.reserve([c.key for c in spec.chunks], [self._bytes_of(n) for n in tokens])
+        except PdxError as exc:
+            self.stats.push_errors += 1
+            log.warning("request %s: cannot reserve its chunks for a layer-wise push: %s", spec.req_id, exc)
+            return
+        lp = _LayerPush(spec, [(c, n, r) for c, n, r in zip(spec.chunks, tokens, rows) if r.id],
+                        [(c, r) for c, r in zip(spec.chunks, rows) if not r.id])
+        self._pushes[spec.req_id] = lp
+        if not lp.chunks:
+            return
+        try:
+            lp.push_id = self._agent.push_open(
+                spec.push, spec.req_id, [c.key for c, _n, _r in lp.chunks], [r.offset for _c, _n, r in lp.chunks],
+                [self._bytes_of(n) for _c, n, _r in lp.chunks], self.layout.num_layers,
+                deadline_s=self.settings.load_timeout_s)
+        except PdxError as exc:
+            self.stats.push_errors += 1
+            log.warning("request %s: layer-wise push to %s not started: %s", spec.req_id, spec.push, exc)
+
+    def _push_layer(self, lp: _LayerPush, layer: int) -> None:
+        ct, bs = self.settings.chunk_tokens, self.settings.block_size
+        for chunk, n, res in lp.chunks:
+            per = self._bytes_of(n) // self.layout.num_layers
+            first = chunk.start if chunk.start >= 0 else chunk.index * ct
+            self._codec.pack_layer(layer, token_spans(lp.spec.block_ids, bs, first, first + n),
+                                   self._pool.array(res.offset + layer * per, per))
+        lp.packed.add(layer)
+        if lp.push_id:
+            self._agent.push_layer(lp.push_id, layer)
+
+    def _drop_pushes(self) -> None:
+        """Abort the slabs of pushes whose step never reached ``store`` (not expected from vLLM)."""
+        ids = [r.id for lp in self._pushes.values() for _c, _n, r in lp.chunks]
+        self._pushes = {}
+        self._push_plan = None
+        if ids:
+            try:
+                self._agent.abort(ids)
+            except PdxError:
+                pass  # reservations expire on their own
+
     def store(self, plan: StepPlan) -> None:
         """Pack and commit the plan's chunks; blocks until committed. Failures are logged, not raised
         (a chunk that is not stored is a future miss, never an error for the request)."""
         if not plan.stores:
             return
+        pushes: dict[str, _LayerPush] = {}
+        if plan is self._push_plan:
+            pushes, self._pushes, self._push_plan = self._pushes, {}, None
         try:
             self._check_agent()
         except PdxError as exc:
@@ -530,10 +630,38 @@ class PdxWorkerSide:
             return
         for spec in plan.stores:
             try:
-                self._store_one(spec)
+                lp = pushes.pop(spec.req_id, None)
+                if lp is not None:
+                    self._store_pushed(lp)
+                else:
+                    self._store_one(spec)
             except PdxError as exc:
                 self.stats.store_errors += 1
                 log.warning("request %s: storing %d chunks failed: %s", spec.req_id, len(spec.chunks), exc)
+
+    def _store_pushed(self, lp: _LayerPush) -> None:
+        """Finish a layer-wise push: pack the layers ``save_layer`` did not see, checksum and commit
+        each chunk here, then seal the push with the same checksums."""
+        self.stats.store_skipped += len(lp.refused)
+        if not lp.chunks:
+            return
+        try:
+            for layer in range(self.layout.num_layers):
+                if layer not in lp.packed:
+                    self._push_layer(lp, layer)
+            sums = [checksum(self._pool.array(r.offset, self._bytes_of(n)).data) for _c, n, r in lp.chunks]
+        except BaseException:
+            self._agent.abort([r.id for _c, _n, r in lp.chunks])
+            raise
+        kept = [n for _c, n, _r in lp.chunks]
+        self._commit(lp.spec, [r.id for _c, _n, r in lp.chunks], sums, kept)
+        if lp.push_id:
+            try:
+                self._agent.push_seal(lp.push_id, sums, kept)
+                self.stats.pushed_chunks += len(kept)
+            except PdxError as exc:
+                self.stats.push_errors += 1
+                log.warning("request %s: sealing its layer-wise push failed: %s", lp.spec.req_id, exc)
 
     def _store_one(self, spec: StoreSpec) -> None:
         ct, bs = self.settings.chunk_tokens, self.settings.block_size
@@ -563,6 +691,9 @@ class PdxWorkerSide:
             raise
         if not ids:
             return
+        self._commit(spec, ids, sums, kept)
+
+    def _commit(self, spec: StoreSpec, ids: list[int], sums: list[int], kept: list[int]) -> None:
         outcomes = self._agent.commit(ids, num_tokens=kept, checksums=sums)
         failed = [o for o in outcomes if not o.ok]
         self.stats.stored_chunks += len(ids) - len(failed)
@@ -583,9 +714,21 @@ class PdxWorkerSide:
         if self._closed:
             return
         self._closed = True
+        self._drop_pushes()
         self._queue.put(None)
         self._thread.join(timeout_s)
         self._pool.close()
+
+
+@dataclass
+class _LayerPush:
+    """One request's chunks being pushed layer by layer in this step."""
+
+    spec: StoreSpec
+    chunks: list[tuple[Any, int, Any]]  # (chunk, tokens, reservation row) of the slabs reserved
+    refused: list[tuple[Any, Any]]  # (chunk, row) the store would not reserve (held already, full)
+    push_id: int = 0
+    packed: set[int] = field(default_factory=set)  # layers packed into the slabs
 
 
 @dataclass(frozen=True)

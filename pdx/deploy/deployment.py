@@ -190,7 +190,7 @@ class Deployment:
         cfg = self.cfg.proxy
         assert self.creds is not None, "_prepare_credentials first"
         doc = {"host": cfg.host, "port": cfg.port, "policy": cfg.policy, "models": [self.served_model_name],
-               "log_requests": cfg.log_requests,
+               "log_requests": cfg.log_requests, "pd_layerwise": cfg.pd_layerwise,
                "api_key": self.creds.api_key, "admin_key": self.creds.admin_key,
                "cache_aware": {"tokenizer": self.model_path, "chunk_tokens": self.cfg.chunk_tokens}}
         path = self.workdir / "proxy.yaml"

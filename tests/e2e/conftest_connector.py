@@ -64,7 +64,8 @@ PROMPTS: dict[str, tuple[int, int]] = {
     "p2p": (PROMPT_TOKENS, 113),
     "p2p_dead_peer": (PROMPT_TOKENS, 114),
     "shared_redis": (PROMPT_TOKENS, 115),
-    "tails": (700, 116),
+    "pd_layerwise": (PROMPT_TOKENS, 116),
+    "tails": (700, 118),
 }
 
 #: prompts that extend another one: name -> (the prompt it extends, extra tokens, seed of the extra text)

@@ -51,3 +51,31 @@ def test_decode_loads_the_prefill_kv_and_matches_plain_vllm(
     assert moved >= (len(ids) - 1) * 1024  # tiny model: 1 KiB of KV per token
     # the decode side's fetch released the prefill side's pins
     assert prefill.pool()["leases"] == p_leases
+
+
+def test_layerwise_prefill_streams_every_layer_and_decode_matches_plain_vllm(
+        stack: PdxStack, prompts: dict[str, list[int]], references: dict[str, list[int]],
+        complete: Callable[..., dict[str, Any]]) -> None:
+    """Layer-wise P/D: the prefill request names the decode agent; its connector pushes each layer as
+    vLLM's ``save_kv_layer`` reports it, the decode agent stages it, and decode's fetch commits the
+    staged chunks (re-hashed) instead of pulling them; the text is plain vLLM's."""
+    prefill, decode = stack.use("prefill", "decode")
+    ids = prompts["pd_layerwise"]
+    push0, stage0 = prefill.status()["push"], decode.status()["push"]
+    d_agent = decode.agent_metrics()
+    target = {"do_remote_decode": True, "pdx": {"v": 2, "push": {"agent": decode.agent.peer_address}}}
+    first = complete(prefill, ids, max_tokens=1, kv_transfer_params=target)
+    assert first["choices"][0]["token_ids"] == references["pd_layerwise"][:1]
+    params = first["kv_transfer_params"]
+    chunks = len(params["pdx"]["keys"])
+    out = complete(decode, ids, max_tokens=MAX_TOKENS, kv_transfer_params=params)
+    assert out["choices"][0]["token_ids"] == references["pd_layerwise"]
+    push, stage = prefill.status()["push"], decode.status()["push"]
+    layers = int(prefill.status()["layout"]["num_layers"])
+    assert push["sealed"] > push0["sealed"] and push["failed"] == push0["failed"]
+    assert push["layers"] - push0["layers"] >= layers
+    assert stage["staged_taken"] - stage0["staged_taken"] == chunks  # every chunk came staged
+    d_agent2 = decode.agent_metrics()
+    fetched = (d_agent2.value("pdx_agent_transfer_chunks_total", kind="fetch", status="done")
+               - d_agent.value("pdx_agent_transfer_chunks_total", kind="fetch", status="done"))
+    assert fetched == chunks

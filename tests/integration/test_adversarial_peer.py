@@ -396,6 +396,29 @@ def test_pushes_land_only_for_keys_the_receiver_asked_for(agents: tuple[Side, Si
         rogue.close()
 
 
+def test_staged_pushes_never_reach_the_store_by_the_peer(agents: tuple[Side, Side]) -> None:
+    """Layer-wise P/D staging: the rogue may write its staged slabs (a layer's range inside one), but
+    neither commit them itself nor write past them, and nothing staged is visible to lookups."""
+    victim, _honest = agents
+    keys = keys_(2)
+    rogue = Rogue(victim)
+    try:
+        rows = rogue.call(Op.PEER_STAGE, {"request_id": "rogue-req", "keys": keys,
+                                          "nbytes": [victim.reg.chunk_bytes] * 2})
+        assert all(r.id for r in rows)
+        half = victim.reg.chunk_bytes // 2
+        assert rogue.move(OpKind.WRITE, rows[0].offset + half, half) is OpStatus.DONE  # the second layer
+        assert rogue.move(OpKind.WRITE, rows[0].offset + half, half + 1) is not OpStatus.DONE
+        tally("data_write", True)
+        refused(lambda: rogue.call(Op.PEER_COMMIT, {"ids": [r.id for r in rows], "checksums": [0, 0],
+                                                    "num_tokens": victim.reg.chunk_tokens}), "stage_commit")
+        assert rogue.call(Op.PEER_STAGED, {"request_id": "rogue-req", "ids": [r.id for r in rows],
+                                           "checksums": [1, 2], "num_tokens": [1, 1]}) == 2
+        assert victim.client.lookup(keys).prefix_chunks == 0
+    finally:
+        rogue.close()
+
+
 def test_outsider_without_the_secret_gets_nothing(agents: tuple[Side, Side], tmp_path: Path) -> None:
     victim, honest = agents
     kept = keys_(2)

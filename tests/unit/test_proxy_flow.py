@@ -433,3 +433,22 @@ def test_peer_hints_work_with_a_policy_that_ignores_the_cache() -> None:
         assert _post(c, _completion(prompt=_P2P_PROMPT)).status_code == 200
         (p,) = c.prefill[0].received
         assert p.body["kv_transfer_params"] == {"do_remote_decode": True}
+
+
+def test_layerwise_prefill_names_the_decode_agent_it_streams_to() -> None:
+    with Cluster(1, 1, pd_layerwise=True) as c:
+        assert _post(c, _completion()).status_code == 200  # no agent announced: nothing to name
+        (p,) = c.prefill[0].received
+        assert p.body["kv_transfer_params"] == {"do_remote_decode": True}
+        addr = _announce_agents(c, {})
+        assert _post(c, _completion()).status_code == 200
+        p = c.prefill[0].received[-1]
+        assert p.body["kv_transfer_params"] == {"do_remote_decode": True,
+                                                "pdx": {"v": 2, "push": {"agent": addr["d0"]}}}
+        d = c.decode[0].received[-1]
+        assert d.body["kv_transfer_params"]["do_remote_prefill"] is True
+    with Cluster(1, 1) as c:  # off by default: whole-prompt transfer
+        _announce_agents(c, {})
+        assert _post(c, _completion()).status_code == 200
+        (p,) = c.prefill[0].received
+        assert p.body["kv_transfer_params"] == {"do_remote_decode": True}
