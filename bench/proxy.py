@@ -12,15 +12,17 @@ Four processes on this host, so the load generator does not share an event loop
   seconds, alternately straight to the decode worker (the baseline) and through the
   proxy, ``--rounds`` times each. Clients start staggered over one stream's length.
 
-With 2+ cores (and no ``--no-pin``) the proxy and the light prefill stand-in run on
-the last core, the decode stand-in and the load generator on the others.
+With 2+ cores (and no ``--no-pin``) the proxy runs alone on the last core, both
+stand-ins and the load generator on the others (``--layout prefill-with-proxy``: the
+prefill stand-in on the proxy's core, as earlier runs had it).
 
 Figures, per concurrency: ``proxy_added_ms_p50``/``_p99`` = TTFB percentile
 through the proxy minus the same percentile straight to the decode worker (the
 added time includes the prefill hop the P/D flow needs); baseline = the direct
 TTFB; ratio = direct TTFB / proxied TTFB. ``proxy_rps_max``: non-streaming
 requests answered per second through the proxy at ``--rps-concurrency`` clients,
-against the same requests sent straight to the decode worker. Also reported: the
+against the same requests sent straight to the decode worker, with (in ``extra`` and
+the notes) every process's CPU time per request in both phases. Also reported: the
 proxy's CPU time per stream / per request, and (in ``extra``) the share of time the
 proxy was runnable but waiting for a CPU: other work on the host shows up there,
 and in the tail latencies with it.
@@ -62,6 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-pin", action="store_true",
                    help="do not pin the proxy to its own core (default on hosts with 2+ cores: proxy on "
                    "the last core, workers and load generator on the others)")
+    p.add_argument("--layout", choices=("proxy-alone", "prefill-with-proxy"), default="proxy-alone",
+                   help="with pinning: the proxy alone on the last core (default), or the prefill "
+                   "stand-in with it (the layout of earlier runs)")
 
 
 def _run_loop(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -151,6 +156,15 @@ class _Helper:
         if self.proc.is_alive():
             self.proc.kill()
             self.proc.join(5)
+
+
+def _own_cpu_seconds() -> float:
+    """This process's CPU time (the load generator), ns precision as ``_Helper.schedstat``."""
+    try:
+        with open("/proc/self/schedstat") as f:
+            return int(f.read().split()[0]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return time.process_time()
 
 
 # --- the load ------------------------------------------------------------------------------------
@@ -296,9 +310,14 @@ def run(args: argparse.Namespace) -> Report:
     proxy_cpus, other_cpus = ({cpus[-1]}, set(cpus[:-1])) if pin else (None, None)
     stream_s = args.tokens * args.pace_ms / 1e3
     warmup = max(args.warmup, stream_s + 0.2)
-    report.notes.append(f"proxy and prefill stand-in pinned to cpu {sorted(proxy_cpus or ())}, decode "
-                        f"stand-in and load generator to cpu {sorted(other_cpus or ())}" if pin
-                        else "no cpu pinning")
+    if not pin:
+        report.notes.append("no cpu pinning")
+    elif args.layout == "prefill-with-proxy":
+        report.notes.append(f"proxy and prefill stand-in pinned to cpu {sorted(proxy_cpus or ())}, decode "
+                            f"stand-in and load generator to cpu {sorted(other_cpus or ())}")
+    else:
+        report.notes.append(f"proxy pinned alone to cpu {sorted(proxy_cpus or ())}, prefill and decode "
+                            f"stand-ins and load generator to cpu {sorted(other_cpus or ())}")
     report.notes.append(f"clients start staggered over one stream ({stream_s:g} s); "
                         f"{warmup:g} s of warm-up per phase not counted")
     if pin:
@@ -306,9 +325,11 @@ def run(args: argparse.Namespace) -> Report:
     helpers: list[_Helper] = []
     proxy: _Helper | None = None
     try:
-        # The prefill stand-in answers at once and is light: it shares the proxy's core, so the
-        # decode stand-in and the load generator (the busy ones) keep the other core to themselves.
-        helpers.append(_Helper(_worker_main, "prefill", 0.0, 1, cpus=proxy_cpus))
+        # proxy-alone: the proxy has its core to itself, so what is measured is the proxy (the
+        # prefill stand-in costs about half the proxy's CPU per request: on the proxy's core it
+        # caps the request rate and delays the proxy). prefill-with-proxy: the earlier layout.
+        prefill_cpus = proxy_cpus if args.layout == "prefill-with-proxy" else other_cpus
+        helpers.append(_Helper(_worker_main, "prefill", 0.0, 1, cpus=prefill_cpus))
         helpers.append(_Helper(_worker_main, "decode", args.pace_ms / 1e3, args.tokens, cpus=other_cpus))
         prefill_url, decode_url = helpers[0].ready, helpers[1].ready
         proxy = _Helper(_proxy_main, prefill_url, decode_url, args.policy, cpus=proxy_cpus)
@@ -339,17 +360,29 @@ def run(args: argparse.Namespace) -> Report:
             rps: dict[str, float] = {}
             errors = 0
             cpu_per_request = float("nan")
+            # CPU per request of every process, per phase: where the request rate goes
+            procs: dict[str, Callable[[], float]] = {
+                "proxy": proxy.cpu_seconds, "prefill_standin": helpers[0].cpu_seconds,
+                "decode_standin": helpers[1].cpu_seconds, "load_generator": _own_cpu_seconds}
+            per_request: dict[str, dict[str, float]] = {}
             for name, url in targets.items():
-                cpu0 = proxy.cpu_seconds()
+                at = {k: f() for k, f in procs.items()}
                 ph = await _phase(url, plain_body, args.rps_concurrency, args.duration, args.warmup,
                                   streaming=False)
+                per_request[name] = {k: round((f() - at[k]) / max(ph.total, 1) * 1e6, 1)
+                                     for k, f in procs.items()}
                 if name == "proxy":
-                    cpu_per_request = (proxy.cpu_seconds() - cpu0) / max(ph.total, 1)
+                    cpu_per_request = (proxy.cpu_seconds() - at["proxy"]) / max(ph.total, 1)
                 rps[name] = ph.ok / ph.seconds
                 errors += ph.errors
             report.add(Result("proxy_rps_max", rps["proxy"], "req/s", baseline_name="direct_rps_max",
                               baseline=rps["direct"],
-                              extra={"clients": args.rps_concurrency, "errors": errors}))
+                              extra={"clients": args.rps_concurrency, "errors": errors,
+                                     "cpu_us_per_request": per_request,
+                                     "layout": args.layout if pin else "not pinned"}))
+            for name, us in per_request.items():
+                report.notes.append(f"CPU us per non-streamed request, {name} phase: "
+                                    + ", ".join(f"{k} {v:g}" for k, v in us.items()))
             report.add(Result("proxy_cpu_us_per_request", cpu_per_request * 1e6, "us",
                               extra={"what": "proxy CPU (user+sys) per non-streamed request, "
                                              "prefill and decode calls included"}))

@@ -71,6 +71,8 @@ _DONE_EVENT = b"data: [DONE]\n\n"
 #: prompts longer than this (characters) are tokenized on a worker thread.
 TOKENIZE_INLINE_CHARS = 2048
 _PREFILL_DROP = ("stream_options", "min_tokens", "kv_transfer_params")
+#: bytes unsent to a streaming client above which relaying pauses until the client drains.
+RELAY_HIGH_WATER = 1 << 16
 
 
 class Endpoint(str, Enum):
@@ -458,10 +460,21 @@ class PDFlow:
 
     async def _pump(self, request: web.Request, endpoint: Endpoint, upstream: UpstreamResponse,
                     first: bytes, rid: str, t0: float) -> web.StreamResponse:
-        """Forward decode's stream; closes ``upstream`` when the client leaves."""
+        """Forward decode's stream; closes ``upstream`` when the client leaves.
+
+        After the first bytes (which go out with the response head), an HTTP/1.1 client's
+        stream is relayed from the upstream connection's callback straight to the client's
+        socket, one chunk per read (``UpstreamResponse.relay``): no task wake-up and no
+        response-writer layers per token. The relay steps aside (the loop below carries on
+        with ``readany`` and aiohttp's writer, which waits for the client to drain) when the
+        client's socket has ``RELAY_HIGH_WATER`` bytes unsent or is closing."""
         out = web.StreamResponse(headers={
             "Content-Type": upstream.headers.get("content-type", "text/event-stream"),
             "Cache-Control": "no-cache", "X-Request-Id": rid})
+        client = request.transport
+        relay = client is not None and request.version >= (1, 1)
+        if relay:
+            out.enable_chunked_encoding()  # framed here too: each relayed piece is one chunk
         # One timer per stream, not one per chunk: each chunk only stamps the time, and the
         # watchdog re-arms itself until the stream has been idle for read_timeout_s.
         loop = asyncio.get_running_loop()
@@ -478,6 +491,16 @@ class PDFlow:
             else:
                 timer[0] = loop.call_at(due, watchdog)
 
+        def forward(piece: bytes) -> bool:
+            assert client is not None
+            if client.is_closing() or client.get_write_buffer_size() > RELAY_HIGH_WATER:
+                return False
+            client.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+            last[0] = loop.time()
+            if piece.endswith(_DONE_EVENT):
+                request[ANSWER_SENT] = True
+            return True
+
         timer.append(loop.call_at(last[0] + read_timeout, watchdog))
         try:
             await out.prepare(request)
@@ -487,6 +510,8 @@ class PDFlow:
             self.metrics.observe_ttfb(endpoint.value, time.perf_counter() - t0)
             while True:
                 try:
+                    if relay:
+                        await upstream.relay(forward)
                     chunk = await upstream.readany()
                 except TransportError as exc:
                     f = CallFailure("timeout", f"no data for {read_timeout:g}s") if stalled[0] \

@@ -14,7 +14,9 @@ compression, TLS or proxies; workers are plain ``http://``).
   A reused idle connection that turns out closed is retried once on a new one.
 * ``UpstreamResponse.readany()`` returns the body bytes that arrived (de-chunked),
   ``b""`` at the end; ``read()`` the whole body. A connection that breaks mid-body
-  raises ``TransportError``. ``close()`` drops the connection at once, which makes
+  raises ``TransportError``. ``relay(sink)`` hands body bytes to ``sink`` straight
+  from the protocol callback, as they arrive (no task wake-up per piece), until the
+  body ends, breaks, or ``sink`` refuses a piece (kept for ``readany``). ``close()`` drops the connection at once, which makes
   vLLM abort the request; a response read to its end goes back to the pool.
 
 Waits have no timeouts of their own: the caller wraps them (``asyncio.timeout``)
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from pdx.errors import ConnectError, TransportError
@@ -68,6 +71,8 @@ class _Conn(asyncio.Protocol):
         self.error: Exception | None = None
         self.paused = False
         self.reusable = False
+        #: while set (``UpstreamResponse.relay``), body bytes go to it from ``data_received``
+        self.sink: Callable[[bytes], bool] | None = None
 
     # --- asyncio.Protocol --------------------------------------------------------------------
 
@@ -110,7 +115,23 @@ class _Conn(asyncio.Protocol):
                 self.head.set_result(None)
         if data:
             self._feed(data)
+        if self.sink is not None and self.body:
+            self._to_sink(self.sink)
         self._wake()
+
+    def _to_sink(self, sink: Callable[[bytes], bool]) -> None:
+        """Everything parsed from one read goes to ``sink`` as one piece; a refused piece stays
+        buffered (for ``readany``) and ends the relay."""
+        body = self.body
+        piece = body[0] if len(body) == 1 else b"".join(body)
+        if not sink(piece):
+            self.sink = None
+            return
+        body.clear()
+        self.buffered = 0
+        if self.paused and self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+            self.paused = False
 
     # --- parsing -----------------------------------------------------------------------------
 
@@ -221,7 +242,8 @@ class _Conn(asyncio.Protocol):
         if self.head is not None and not self.head.done() and (self.error or self.closed):
             self.head.set_result(None)
         w = self.waiter
-        if w is not None and not w.done():
+        if w is not None and not w.done() and (
+                self.sink is None or self.complete or self.error is not None or self.closed):
             w.set_result(None)
 
     def abort(self) -> None:
@@ -268,6 +290,26 @@ class UpstreamResponse:
                 raise TransportError("the response was closed")
             c.waiter = asyncio.get_running_loop().create_future()
             await c.waiter
+            c.waiter = None
+
+    async def relay(self, sink: Callable[[bytes], bool]) -> None:
+        """Hand the body to ``sink`` as it arrives, from the connection's protocol callback
+        (one call per read from the socket, so nothing waits for a task to be scheduled).
+        ``sink(piece)`` returns False to refuse ``piece``, which then stays for ``readany``.
+        Returns when the body ended, the connection broke or was closed, or ``sink`` refused
+        a piece; bytes already buffered make it return at once. Then ``readany`` goes on
+        (and gives ``b""`` at the end, raises on a break, as without the relay)."""
+        c = self._conn
+        if self._done or c.body or c.complete or c.error is not None or c.closed:
+            return
+        c.sink = sink
+        try:
+            while c.sink is not None and not c.complete and c.error is None and not c.closed:
+                c.waiter = asyncio.get_running_loop().create_future()
+                await c.waiter
+                c.waiter = None
+        finally:
+            c.sink = None
             c.waiter = None
 
     async def read(self, limit: int | None = None) -> bytes:

@@ -271,3 +271,117 @@ def test_cancelled_request_aborts_the_connection() -> None:
             await pool.close()
 
     run(go())
+
+
+def test_relay_hands_every_piece_to_the_sink_and_returns_at_the_end() -> None:
+    """Random bodies in random slices: the sink gets them all, in order, from the protocol
+    callback; at the end ``readany`` gives ``b""`` and the connection is reused."""
+    rng = random.Random(11)
+    cases = [([rng.randbytes(rng.randint(1, 40)) for _ in range(rng.randint(1, 8))],
+              [rng.randint(1, 30) for _ in range(rng.randint(1, 10))]) for _ in range(20)]
+
+    async def go() -> None:
+        for pieces, cuts in cases:
+            payload = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked(pieces)
+
+            async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                              payload: bytes = payload, cuts: list[int] = cuts) -> None:
+                for _ in range(2):  # two calls on one keep-alive connection
+                    await read_request(reader)
+                    pos, i = 0, 0
+                    while pos < len(payload):
+                        n = cuts[i % len(cuts)]
+                        writer.write(payload[pos:pos + n])
+                        await writer.drain()
+                        await asyncio.sleep(0)
+                        pos, i = pos + n, i + 1
+                await reader.read()
+                writer.close()
+
+            async with serve(handler) as url:
+                pool = UpstreamPool(2.0)
+                for _ in range(2):
+                    resp = await pool.request(url, "POST", "/x", b"{}")
+                    got: list[bytes] = []
+                    first = await resp.readany()  # as the proxy does: the first bytes, then relay
+
+                    def sink(piece: bytes, got: list[bytes] = got) -> bool:
+                        got.append(piece)
+                        return True
+
+                    await resp.relay(sink)
+                    assert await resp.readany() == b""
+                    assert first + b"".join(got) == b"".join(pieces)
+                assert pool.connects == 1
+                await pool.close()
+
+    run(go())
+
+
+def test_relay_refused_piece_stays_for_readany() -> None:
+    """A sink that refuses (its client is not draining) ends the relay; nothing is lost."""
+    pieces = [b"a" * 10, b"b" * 10, b"c" * 10]
+    sent = [asyncio.Event() for _ in pieces]
+    go_on = [asyncio.Event() for _ in pieces]
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for p, s, g in zip(pieces, sent, go_on, strict=True):
+            await g.wait()
+            writer.write(b"%x\r\n%s\r\n" % (len(p), p))
+            await writer.drain()
+            s.set()
+        writer.write(b"0\r\n\r\n")
+        await reader.read()
+        writer.close()
+
+    async def go() -> None:
+        async with serve(handler) as url:
+            pool = UpstreamPool(2.0)
+            resp = await pool.request(url, "GET", "/")
+            got: list[bytes] = []
+            offers: list[bytes] = []
+
+            def sink(piece: bytes) -> bool:
+                offers.append(piece)
+                if len(offers) == 1:
+                    got.append(piece)
+                    return True
+                return False  # the second piece is refused
+
+            go_on[0].set()
+            relay = asyncio.create_task(resp.relay(sink))
+            await sent[0].wait()
+            go_on[1].set()
+            await asyncio.wait_for(relay, 5)  # returns once the second piece is refused
+            assert offers == [pieces[0], pieces[1]] and got == [pieces[0]]
+            go_on[2].set()
+            rest = await resp.read()
+            assert b"".join(got) + rest == b"".join(pieces)
+            await pool.close()
+
+    run(go())
+
+
+def test_relay_returns_when_the_connection_breaks() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.close()
+
+    async def go() -> None:
+        async with serve(handler) as url:
+            pool = UpstreamPool(2.0)
+            resp = await pool.request(url, "GET", "/")
+            got: list[bytes] = []
+            await resp.relay(lambda p: got.append(p) is None)
+            with pytest.raises(TransportError):
+                while await resp.readany():
+                    pass
+            assert b"".join(got) in (b"", b"hello")
+            await pool.close()
+
+    run(go())
