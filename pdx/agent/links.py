@@ -12,7 +12,7 @@ agent will fetch from (``transport.peers``, and the proxy's list of agents that 
 ``Warmer`` thread opens their links in the background as soon as the store is up (hello, transport
 connect, ``Transport.prepare``: the data streams), so the first fetch finds them ready. Each attempt
 runs on a small pool of its own, bounded by the hello's and the connect's timeouts; a peer that fails
-is retried with a doubling back-off (1 s to 60 s) and never delays a job, registration or the control
+is retried with a doubling back-off (0.5 s to 10 s) and never delays a job, registration or the control
 loop. A warm link's peer is pinged every ``transport.warm_probe_s``: a restarted peer answers with
 a new instance, which drops the link, and the warmer opens a new one; a link that nears the end of its
 session (idle or too old) is renewed the same way.
@@ -203,7 +203,7 @@ class Links:
 
 
 #: first and longest wait before trying a peer that failed to warm again
-WARM_RETRY_S = (1.0, 60.0)
+WARM_RETRY_S = (0.5, 10.0)
 #: warm attempts that may run at once (each bounded by the hello's and the connect's timeouts)
 WARM_WORKERS = 2
 #: how long before its session would lapse (``PeerLink.stale``) a warm link is renewed ...
