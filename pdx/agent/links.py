@@ -357,7 +357,7 @@ class Warmer:
                 if address in self._wanted:
                     self._retry[address] = (time.monotonic() + backoff, min(backoff * 2, WARM_RETRY_S[1]))
             log.log(logging.INFO if backoff <= WARM_RETRY_S[0] else logging.DEBUG,
-                    "cannot warm the link with %s (retry in %.0fs): %s: %s", address, backoff,
+                    "cannot warm the link with %s (retry in %.1fs): %s: %s", address, backoff,
                     type(exc).__name__, exc)
             return
         with self._lock:
