@@ -12,6 +12,8 @@ Rows (each beside a baseline measured in the same run):
   checksum verification of every chunk at commit. Baseline: the same transport
   used directly between two processes, the same ops (one READ batch of the same
   chunks), no agent and no checksum.
+* ``first_fetch_ms`` (baseline ``steady_fetch_ms``) and ``first_fetch_cold_ms``: the first fetch
+  between two fresh agents against later ones, with warm links on and off (``bench/agent_first.py``).
 
 Agents and the peer processes are stopped by PID.
 """
@@ -29,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from bench import agent_first
 from bench.report import Report, Result, gbps, median, percentile, progress
 from pdx.config import parse_size
 from pdx.transport import ucx_env
@@ -44,6 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", default="1MiB", help="bytes per chunk (one slab)")
     p.add_argument("--repeats", type=int, default=11,
                    help="timed fetches per backend, each followed by one bare batch")
+    agent_first.add_arguments(p)
     p.add_argument("--echo-server", metavar="ADDR", help=argparse.SUPPRESS)
     p.add_argument("--bare-peer", metavar="BACKEND", help=argparse.SUPPRESS)
     p.add_argument("--nbytes", type=int, default=0, help=argparse.SUPPRESS)
@@ -61,6 +65,7 @@ def run(args: argparse.Namespace) -> Report:
     _ctrl_rtt(args, report, work)
     for backend in [b for b in args.backends.split(",") if b]:
         _transfer(args, report, work, backend)
+    agent_first.run(args, report, work)
     report.notes.append(f"cpus: {os.cpu_count()}; agents and peers are separate processes on this host")
     return report
 

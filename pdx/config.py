@@ -324,6 +324,11 @@ class TransportConfig:
     heartbeat_s: float = doc_field(1.0, "peer liveness probe interval")
     verify_checksums: bool = doc_field(True, "receivers verify chunk checksums")
     connections_per_peer: int = doc_field(1, "parallel streams per peer (tcp)")
+    warm_links: bool = doc_field(True, "open the session, transport connection and data streams to the agents "
+                                 "this one will fetch from as soon as it learns of them (transport.peers, "
+                                 "the proxy's list), in the background, instead of on the first fetch")
+    warm_links_max: int = doc_field(64, "most peers kept warm at once (the rest connect on their first fetch)")
+    warm_probe_s: float = doc_field(2.0, "how often a warm link's peer is pinged (a restarted peer is re-warmed)")
     debug_corrupt_every: int = doc_field(
         0, "testing only: flip one byte in every Nth chunk this agent receives (0 = off); "
         "lets integrity tests prove that corruption is detected")
@@ -334,7 +339,9 @@ class TransportConfig:
         if not self.host:
             raise ConfigError("host: must not be empty")
         _port(self, "port")
-        _positive(self, "connect_timeout_s", "transfer_timeout_s", "heartbeat_s", "connections_per_peer")
+        _positive(self, "connect_timeout_s", "transfer_timeout_s", "heartbeat_s", "connections_per_peer",
+                  "warm_probe_s")
+        _not_negative(self, "warm_links_max")
         _not_negative(self, "debug_corrupt_every")
 
 

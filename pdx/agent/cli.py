@@ -193,7 +193,7 @@ def run(cfg: AgentConfig, engine_cmd: list[str], log_level: str = "INFO") -> int
                                           agent_url=server.http_url, control_address=server.control_address,
                                           keys=store.keys if store is not None else None)
 
-            announcer = Announcer(cfg.registration, snapshot, server.metrics, on_peers=server.peers.known.update)
+            announcer = Announcer(cfg.registration, snapshot, server.metrics, on_peers=server.peers.listed)
             server.peers.refresh_known = lambda: announcer.announce(leaving=False)
             announcer.start()
         info = {"agent_id": name, "pid": os.getpid(), "instance": server.instance, "role": cfg.role,

@@ -83,6 +83,22 @@ def then(result: Any, fn: Callable[[Any], Any]) -> Any:
     return Deferred(out, result.timeout_s, result.on_timeout)
 
 
+#: roles of the agents a fetch may come from: a prefill side keeps its chunks for decode, a
+#: ``both`` agent serves reuse; a decode agent serves nobody (a proxy that names no role: "")
+SERVING_ROLES = ("prefill", "both", "")
+
+
+def warm_targets(role: str, own_address: str, peers: Sequence[tuple[str, ...]]) -> list[str]:
+    """Peer addresses this agent will fetch from, from the proxy's list: none for a prefill agent
+    (it only serves: the decode side pulls), else every other agent that serves, prefill ones first."""
+    if role == "prefill":
+        return []
+    rows = [(p[3] if len(p) > 3 else "", p[1]) for p in peers if len(p) > 1 and p[1] and p[1] != own_address]
+    rows = [r for r in rows if r[0] in SERVING_ROLES]
+    rows.sort(key=lambda r: r[0] != "prefill")
+    return [address for _role, address in rows]
+
+
 class PeerService:
     """The peer socket's handlers of one agent (see the module docstring). ``ping`` answers ``ping``."""
 
@@ -100,8 +116,18 @@ class PeerService:
         self.known = KnownPeers(cfg.transport.peers, bool(cfg.registration.proxy_url))
         #: asks the proxy for its current list of agents (set when registration is on); blocking
         self.refresh_known: Callable[[], object] | None = None
+        #: told the peer addresses worth keeping warm whenever the proxy's list arrives (never blocks)
+        self.warm: Callable[[list[str]], None] | None = None
         self._refreshed = 0.0
         self._challenges: OrderedDict[bytes, float] = OrderedDict()
+
+    def listed(self, peers: Sequence[tuple[str, ...]]) -> None:
+        """The proxy's list of agents arrived (``(agent_id, peer_address, identity_key, role)``, the
+        registration thread): they are the known agents now, and those this one fetches from are
+        warmed (``warm_targets``)."""
+        self.known.update(peers)
+        if self.warm is not None:
+            self.warm(warm_targets(self.ctx.config.role, self.ctx.peer_address, peers))
 
     # --- serving peers (control-loop thread) ---------------------------------------------------
 

@@ -49,7 +49,7 @@ class Announcer:
 
     def __init__(self, config: RegistrationConfig, snapshot: Callable[[bool], AgentAnnouncement | None],
                  metrics: AgentMetrics,
-                 on_peers: Callable[[list[tuple[str, str, str]]], None] | None = None) -> None:
+                 on_peers: Callable[[list[tuple[str, str, str, str]]], None] | None = None) -> None:
         self.config = config
         self._on_peers = on_peers
         self.urls = [u + REGISTER_PATH for u in proxy_urls(config)]
@@ -112,9 +112,10 @@ class Announcer:
         return ok
 
     def _peers_from(self, reply: bytes) -> None:
-        """The proxy's list of registered agents (``peers``: agent_id, peer address and public key):
-        the agents of this deployment, the only ones this agent fetches from (besides
-        ``transport.peers``), and the keys that prove who they are in ``peer_hello``."""
+        """The proxy's list of registered agents (``peers``: agent_id, peer address, public key and
+        role): the agents of this deployment, the only ones this agent fetches from (besides
+        ``transport.peers``), the keys that prove who they are in ``peer_hello``, and the links
+        worth keeping warm (a proxy that names no role: every agent may serve)."""
         if self._on_peers is None:
             return
         try:
@@ -124,7 +125,8 @@ class Announcer:
             raw = None
         if not isinstance(raw, list):
             return  # an older proxy: keep what we knew
-        peers = [(str(p.get("agent_id", "")), str(p.get("peer_address", "")), str(p.get("identity_key", "")))
+        peers = [(str(p.get("agent_id", "")), str(p.get("peer_address", "")), str(p.get("identity_key", "")),
+                  str(p.get("role", "")))
                  for p in raw if isinstance(p, dict) and isinstance(p.get("peer_address"), str)]
         self._on_peers(peers)
 

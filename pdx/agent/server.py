@@ -133,6 +133,7 @@ class AgentServer:
             identity=Identity())
         self.peers = PeerService(self.ctx, ping=self.h_ping)
         self.links = Links(self.ctx, key_at=self.peers.known.key_at)
+        self.peers.warm = self.links.want
         self.transfers = Transfers(self.ctx, self.links, check_peer=self.peers.check_known)
         self.transfers.staging = self.peers.staging
         self.pushes = Pushes(self.ctx, self.links, check_peer=self.peers.check_known)
@@ -502,6 +503,7 @@ class AgentServer:
             "chunk_tokens": self.config.store.chunk_tokens,
             "jobs": {"active": self.jobs.active, "waiting_calls": self._waiting_calls()},
             "peers": self.links.links(),
+            "warm_links": self.links.warm_count(),
             "registered_peers": self.peers.known.registered_ids(),
             "engine": self.engine.status().to_dict() if self.engine is not None else {"state": "none"},
             "engine_pids": list(self.engine_pids),

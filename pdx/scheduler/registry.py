@@ -344,7 +344,7 @@ class WorkerRegistry:
         return [w.describe(now) for w in self._workers.values()]
 
     def peers(self) -> list[dict[str, str]]:
-        """Agents registered now and not leaving (id, peer-socket address, public key): the register
+        """Agents registered now and not leaving (id, peer-socket address, public key, role): the register
         reply carries it so that agents fetch only from agents of this deployment, and know the key
         each one proves its identity with."""
         out = []
@@ -352,7 +352,7 @@ class WorkerRegistry:
             ann = w.announcement
             if ann is not None and not w.left and ann.transport_address:
                 out.append({"agent_id": ann.agent_id, "peer_address": ann.transport_address,
-                            "identity_key": ann.identity_key})
+                            "identity_key": ann.identity_key, "role": ann.role.value})
         return out
 
     def models(self) -> list[str]:

@@ -201,6 +201,13 @@ class Transport(abc.ABC):
                 session: SessionCred | None = None) -> PeerInfo:
         """Handshake with the peer at ``address`` (idempotent per address), presenting ``session``."""
 
+    def prepare(self, peer: PeerId, timeout: float | None = None) -> bool:
+        """Do now the per-peer set-up a first ``post`` to ``peer`` would otherwise pay (data streams,
+        per-peer registrations), so that it finds the link ready. True when something was ready or
+        made ready; never raises for a dead peer (the next ``post`` fails as usual). Backends whose
+        ``connect`` already does it all keep this default."""
+        return True
+
     @abc.abstractmethod
     def post(self, peer: PeerId, kind: OpKind, ops: Sequence[ChunkOp]) -> TransferHandle:
         """Queue a batch of ops to/from ``peer``; returns at once."""

@@ -76,6 +76,10 @@ log = logging.getLogger("pdx.transport.tcp")
 OPS_PER_HEADER = 4096
 
 
+#: ``_Lane.current`` while ``_Lane.open`` dials the lane's stream.
+_OPENING: BatchHandle = BatchHandle([], 1.0)
+
+
 class _Lane:
     """One worker thread and its data stream to one peer (initiator side)."""
 
@@ -92,6 +96,32 @@ class _Lane:
         self._thread = threading.Thread(target=self._run, name=f"pdx-tcp-lane-{peer.peer_id}-{index}",
                                         daemon=True)
         self._thread.start()
+
+    def open(self, timeout: float) -> bool:
+        """Open this lane's data stream now (on the calling thread, while the lane is idle) so that
+        its first batch finds it connected. True when the stream is open."""
+        with self._cond:
+            if self.dead is not None:
+                return False
+            if self.sock is not None:
+                return True
+            if self.current is not None or self._queue:
+                return False  # a batch is being served: it opens the stream itself
+            self.current = _OPENING  # keeps the lane thread and ``steal`` off the stream meanwhile
+        sock: socket.socket | None = None
+        try:
+            sock = self.owner._open_stream(self.peer, timeout)
+        except (OSError, TransportError) as exc:
+            log.debug("opening a data stream to %s: %s", self.peer.peer_id, exc)
+        with self._cond:
+            if self.dead is None and sock is not None:
+                self.sock, sock = sock, None
+            self.current = None
+            self._cond.notify_all()
+            ok = self.sock is not None
+        if sock is not None:  # the lane died meanwhile
+            sock.close()
+        return ok
 
     def submit(self, handle: BatchHandle, kind: OpKind, idxs: list[int]) -> None:
         with self._cond:
@@ -288,6 +318,17 @@ class TcpTransport(SideChannelPeers, Transport):
     def set_session(self, peer: PeerId, session: bytes) -> None:
         self._sessions[peer] = session
 
+    def prepare(self, peer: PeerId, timeout: float | None = None) -> bool:
+        """Open the data streams to ``peer`` (one per lane) before its first batch needs them."""
+        if self._region is None or self._closed:
+            return False
+        try:
+            conn = self._side.get(peer)
+        except ConnectError:
+            return False
+        limit = self.config.connect_timeout_s if timeout is None else timeout
+        return all([lane.open(limit) for lane in self._lanes_for(conn)])
+
     def post(self, peer: PeerId, kind: OpKind, ops: Sequence[ChunkOp]) -> TransferHandle:
         handle = BatchHandle(ops, self.config.transfer_timeout_s,
                              on_stop=functools.partial(self._abort, peer),
@@ -375,18 +416,20 @@ class TcpTransport(SideChannelPeers, Transport):
         for s in serving:
             shutdown(s)
 
-    def _open_stream(self, conn: PeerConnection) -> socket.socket:
-        """A stream on which we initiate and ``conn`` serves (called by a lane thread)."""
+    def _open_stream(self, conn: PeerConnection, timeout: float | None = None) -> socket.socket:
+        """A stream on which we initiate and ``conn`` serves (called by a lane thread, or by
+        ``prepare`` while the lane is idle)."""
         if conn.outgoing:
-            return conn.open_stream("tcp", {"role": "serve"})
+            return conn.open_stream("tcp", {"role": "serve"}, timeout=timeout)
         # the peer dialed us: ask it to dial back, then take the stream it opens
         ticket = os.urandom(12)
         fut: Future[socket.socket] = Future()
         with self._lock:
             self._tickets[ticket] = fut
         try:
-            conn.request("tcp.dial", {"ticket": ticket})
-            return fut.result(timeout=self.config.connect_timeout_s)
+            limit = self.config.connect_timeout_s if timeout is None else timeout
+            conn.request("tcp.dial", {"ticket": ticket}, timeout=limit)
+            return fut.result(timeout=limit)
         except TimeoutError:
             raise ConnectError(f"peer {conn.peer_id} did not dial back within "
                                f"{self.config.connect_timeout_s:g}s") from None

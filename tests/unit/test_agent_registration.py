@@ -104,13 +104,14 @@ def test_announcement_of_a_live_agent(tmp_path: Path) -> None:
 
 def test_the_register_reply_updates_the_known_peers() -> None:
     """The proxy's reply lists the deployment's agents; the announcer hands them to the agent."""
-    got: list[list[tuple[str, str]]] = []
+    got: list[list[tuple[str, str, str, str]]] = []
 
     class H(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             self.rfile.read(int(self.headers["Content-Length"]))
             body = json.dumps({"worker_id": "a1", "peers": [
-                {"agent_id": "p1", "peer_address": "tcp://127.0.0.1:7001"}, {"bad": 1}]}).encode()
+                {"agent_id": "p1", "peer_address": "tcp://127.0.0.1:7001", "role": "prefill"},
+                {"agent_id": "p2", "peer_address": "tcp://127.0.0.1:7002"}, {"bad": 1}]}).encode()
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -127,7 +128,8 @@ def test_the_register_reply_updates_the_known_peers() -> None:
         ann = Announcer(RegistrationConfig(proxy_url=f"http://127.0.0.1:{server.server_address[1]}"), msg,
                         AgentMetrics(), on_peers=got.append)
         assert ann.announce(leaving=False)
-        assert got == [[("p1", "tcp://127.0.0.1:7001", "")]]
+        # a proxy that names no role (older): "" (the agent may warm a link to it)
+        assert got == [[("p1", "tcp://127.0.0.1:7001", "", "prefill"), ("p2", "tcp://127.0.0.1:7002", "", "")]]
     finally:
         server.shutdown()
         server.server_close()

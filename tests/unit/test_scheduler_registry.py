@@ -223,6 +223,7 @@ def test_peers_lists_registered_agents_and_their_peer_sockets() -> None:
     reg.announce(_ann("http://127.0.0.1:9000", role="prefill", agent_id="p9",
                       transport_address="tcp://127.0.0.1:7000"))
     reg.announce(_ann("http://127.0.0.1:9001", agent_id="d1"))  # no peer socket: not listed
-    assert reg.peers() == [{"agent_id": "p9", "peer_address": "tcp://127.0.0.1:7000", "identity_key": ""}]
+    assert reg.peers() == [{"agent_id": "p9", "peer_address": "tcp://127.0.0.1:7000", "identity_key": "",
+                            "role": "prefill"}]
     reg.announce(_ann("http://127.0.0.1:9000", role="prefill", agent_id="p9", leaving=True))
     assert reg.peers() == []
