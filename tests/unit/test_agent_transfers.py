@@ -263,3 +263,20 @@ def test_a_fetch_records_its_stages_and_logs_them_at_debug(world: World,
     stages = job.stages_ms()
     assert list(stages) == names and all(v >= 0 for v in stages.values())
     assert any(f"fetch job {job.id} stages (ms): queued=" in r.getMessage() for r in caplog.records)
+
+
+
+@pytest.mark.parametrize(("floor", "groups"), [(1, 4), (4, 2)])  # the floor wins over the group count
+def test_a_large_fetch_moves_in_a_few_groups_each_verified(world: World, monkeypatch: pytest.MonkeyPatch,
+                                                             floor: int, groups: int) -> None:
+    import pdx.agent.transfers as transfers_mod
+
+    monkeypatch.setattr(transfers_mod, "PIPELINE_BYTES", floor * SLAB)
+    monkeypatch.setattr(transfers_mod, "PIPELINE_GROUPS", 4)
+    keys = [key(i) for i in range(8)]
+    sums = [put(world.remote, k, i) for i, k in enumerate(keys)]
+    info = world.run(JobKind.FETCH, keys)
+    assert [c.status for c in info.chunks] == [ChunkStatus.DONE] * 8
+    assert world.transport.posted == groups
+    for c, s in zip(info.chunks, sums):
+        assert checksum(world.local.pool.view(c.offset, c.nbytes)) == s
