@@ -48,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=11,
                    help="timed fetches per backend, each followed by one bare batch")
     agent_first.add_arguments(p)
+    p.add_argument("--breakdown", action="store_true",
+                   help="run the fetching agent at DEBUG and report the median time of each stage of its "
+                        "fetch jobs (control ops, the move, verification, finishing)")
     p.add_argument("--echo-server", metavar="ADDR", help=argparse.SUPPRESS)
     p.add_argument("--bare-peer", metavar="BACKEND", help=argparse.SUPPRESS)
     p.add_argument("--nbytes", type=int, default=0, help=argparse.SUPPRESS)
@@ -162,7 +165,7 @@ def _transfer(args: argparse.Namespace, report: Report, work: Path, backend: str
     total = parse_size(args.fetch_size)
     chunk = parse_size(args.chunk_size)
     n = max(1, total // chunk)
-    agents = _AgentPair(work, backend, n, chunk)
+    agents = _AgentPair(work, backend, n, chunk, debug=args.breakdown)
     bare = _BarePair(backend, n, chunk)
     agent_s: list[float] = []
     bare_s: list[float] = []
@@ -175,17 +178,23 @@ def _transfer(args: argparse.Namespace, report: Report, work: Path, backend: str
     finally:
         agents.close()
         bare.close()
+    extra: dict[str, Any] = {"bytes": n * chunk, "chunks": n, "repeats": len(agent_s),
+                             "agent_ms": [round(s * 1e3, 2) for s in agent_s],
+                             "bare_ms": [round(s * 1e3, 2) for s in bare_s]}
+    if args.breakdown:
+        stages = agents.stages()
+        extra["stages_ms"] = stages
+        report.notes.append(f"agent_transfer_gbps_{backend} stages (median ms over the timed fetches, "
+                            f"agent at DEBUG): " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
     report.add(Result(f"agent_transfer_gbps_{backend}", gbps(n * chunk, median(agent_s)), "GB/s",
                       baseline_name=f"bare_{backend}_read_gbps", baseline=gbps(n * chunk, median(bare_s)),
-                      extra={"bytes": n * chunk, "chunks": n, "repeats": len(agent_s),
-                             "agent_ms": [round(s * 1e3, 2) for s in agent_s],
-                             "bare_ms": [round(s * 1e3, 2) for s in bare_s]}))
+                      extra=extra))
 
 
 class _AgentPair:
     """Two agents; ``fetch()`` writes fresh chunks into the source (untimed) and times one fetch."""
 
-    def __init__(self, work: Path, backend: str, n: int, chunk: int) -> None:
+    def __init__(self, work: Path, backend: str, n: int, chunk: int, debug: bool = False) -> None:
         from pdx.deploy.process import AgentProcess
         from pdx.store.pool import attach
 
@@ -194,7 +203,7 @@ class _AgentPair:
                "transport": {"backend": backend, "transfer_timeout_s": 60}}
         self.n = n
         self.src = AgentProcess(work, cfg, name=f"src-{backend}")
-        self.dst = AgentProcess(work, cfg, name=f"dst-{backend}")
+        self.dst = AgentProcess(work, cfg, name=f"dst-{backend}", log_level="DEBUG" if debug else "INFO")
         self.src.start()
         self.dst.start()
         self.cs, self.cd = self.src.client(30), self.dst.client(30)
@@ -204,6 +213,7 @@ class _AgentPair:
         self.pool = attach(self.reg.shm_name)
         self.fill = np.arange(chunk, dtype=np.uint8)
         self.count = 0
+        self.client_ms: list[float] = []  # fetch call to wait reply, less the job's own lifetime
 
     def fetch(self) -> float:
         keys = [os.urandom(16) for _ in range(self.n)]
@@ -219,7 +229,23 @@ class _AgentPair:
         dt = time.perf_counter() - t0
         if not info.ok:
             raise RuntimeError(f"fetch failed: {info.error or info.chunks[0]}")
+        self.client_ms.append((dt - info.elapsed_s) * 1e3)
         return dt
+
+    def stages(self) -> dict[str, float]:
+        """Median milliseconds per stage of the timed fetch jobs, from the fetching agent's log."""
+        import re
+
+        rows: list[dict[str, float]] = []
+        for path in sorted((self.dst.data_dir / "logs").glob("*.log")):
+            for line in path.read_text(errors="replace").splitlines():
+                m = re.search(r"fetch job (\d+) stages \(ms\): (.*)$", line)
+                if m and int(m.group(1)) > 1:  # job 1 is the warm-up
+                    rows.append({k: float(v) for k, v in (kv.split("=") for kv in m.group(2).split())})
+        out = {"client_rpc": median(self.client_ms[1:])} if len(self.client_ms) > 1 else {}
+        for key in dict.fromkeys(k for r in rows for k in r):
+            out[key] = median([r.get(key, 0.0) for r in rows])
+        return out
 
     def close(self) -> None:
         self.pool.close()

@@ -40,6 +40,21 @@ class Job:
         self.cancelled = threading.Event()
         #: the transfer in flight, so ``cancel`` can stop it (set by the runner).
         self.on_cancel: Callable[[], None] | None = None
+        #: (stage, time.monotonic()) as the runner passes them: logged at DEBUG when the job ends.
+        self.marks: list[tuple[str, float]] = []
+
+    def mark(self, stage: str) -> None:
+        """Record that the runner reached ``stage`` (cheap; only the runner's thread calls it)."""
+        self.marks.append((stage, time.monotonic()))
+
+    def stages_ms(self) -> dict[str, float]:
+        """Milliseconds spent before each mark, since the previous one (the first since creation)."""
+        out: dict[str, float] = {}
+        prev = self.created
+        for stage, t in self.marks:
+            out[stage] = out.get(stage, 0.0) + round((t - prev) * 1e3, 3)
+            prev = t
+        return out
 
     def time_left(self) -> float:
         return self.deadline - time.monotonic()

@@ -3,6 +3,7 @@ stores, a fake transport that copies between their pools, and a fake peer client
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -246,3 +247,36 @@ def test_loaded_tokens_count_each_source(world: World) -> None:
     assert loaded("l1") == 3 * TOKENS and loaded("peer") == 3 * TOKENS
     world.run(JobKind.FETCH, [key(30)], pin=False)  # not an engine's load (a prefetch): not counted
     assert loaded("peer") == 3 * TOKENS
+
+
+def test_a_fetch_records_its_stages_and_logs_them_at_debug(world: World,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    keys = [key(i) for i in range(3)]
+    for i, k in enumerate(keys):
+        put(world.remote, k, i)
+    job = world.jobs.create(JobKind.FETCH, "req", world.peer.address, list(keys), deadline=time.monotonic() + 30)
+    with caplog.at_level(logging.DEBUG, logger="pdx.agent.peers"):
+        world.transfers.submit(job).result(timeout=30)
+    assert [c.status for c in world.jobs.snapshot(job).chunks] == [ChunkStatus.DONE] * 3
+    names = [name for name, _t in job.marks]
+    assert names == ["queued", "link", "peer_pin", "reserve", "post", "move", "verify_tail", "results", "finished"]
+    stages = job.stages_ms()
+    assert list(stages) == names and all(v >= 0 for v in stages.values())
+    assert any(f"fetch job {job.id} stages (ms): queued=" in r.getMessage() for r in caplog.records)
+
+
+
+@pytest.mark.parametrize(("floor", "groups"), [(1, 4), (4, 2)])  # the floor wins over the group count
+def test_a_large_fetch_moves_in_a_few_groups_each_verified(world: World, monkeypatch: pytest.MonkeyPatch,
+                                                             floor: int, groups: int) -> None:
+    import pdx.agent.transfers as transfers_mod
+
+    monkeypatch.setattr(transfers_mod, "PIPELINE_BYTES", floor * SLAB)
+    monkeypatch.setattr(transfers_mod, "PIPELINE_GROUPS", 4)
+    keys = [key(i) for i in range(8)]
+    sums = [put(world.remote, k, i) for i, k in enumerate(keys)]
+    info = world.run(JobKind.FETCH, keys)
+    assert [c.status for c in info.chunks] == [ChunkStatus.DONE] * 8
+    assert world.transport.posted == groups
+    for c, s in zip(info.chunks, sums):
+        assert checksum(world.local.pool.view(c.offset, c.nbytes)) == s
