@@ -388,12 +388,20 @@ class TcpTransport(SideChannelPeers, Transport):
 
     # -- lanes --
     def _lanes_for(self, conn: PeerConnection) -> list[_Lane]:
+        """The lanes of ``conn``. Lanes belong to one connection: their streams are served under the
+        sessions bound to it, so lanes left from a connection that was replaced (both agents dialled
+        each other at once, or the peer reconnected) are killed and opened anew on ``conn``."""
+        stale: list[_Lane] = []
         with self._lock:
             lanes = self._lanes.get(conn.peer_id)
+            if lanes is not None and lanes[0].peer is not conn:
+                stale, lanes = lanes, None
             if lanes is None:
                 n = max(1, self.config.connections_per_peer)
                 lanes = self._lanes[conn.peer_id] = [_Lane(self, conn, i) for i in range(n)]
-            return lanes
+        for lane in stale:
+            lane.kill(f"the connection to peer {conn.peer_id} was replaced")
+        return lanes
 
     def _help(self, peer: PeerId, handle: BatchHandle, deadline: float) -> None:
         with self._lock:
@@ -408,9 +416,18 @@ class TcpTransport(SideChannelPeers, Transport):
             lane.abort(handle)
 
     def _peer_dead(self, conn: PeerConnection, reason: str) -> None:
+        try:  # a replaced connection's death: the peer is still here on a new one
+            replaced = self._side.get(conn.peer_id) is not conn
+        except ConnectError:
+            replaced = False
         with self._lock:
-            lanes = self._lanes.pop(conn.peer_id, [])
-            serving = self._serving.pop(conn.peer_id, set())
+            lanes = self._lanes.get(conn.peer_id, [])
+            if lanes and lanes[0].peer is conn:
+                del self._lanes[conn.peer_id]
+            else:
+                lanes = []  # none, or the new connection's
+            # the streams this side serves for the peer: the new connection's, when it was replaced
+            serving = set() if replaced else self._serving.pop(conn.peer_id, set())
         for lane in lanes:
             lane.kill(f"peer {conn.peer_id} gone: {reason}")
         for s in serving:

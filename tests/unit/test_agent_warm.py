@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+import types
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -238,3 +239,25 @@ def test_tcp_prepare_opens_the_data_stream_before_the_first_batch() -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_tcp_lanes_belong_to_one_connection() -> None:
+    """Lanes left from a replaced connection (both agents dialled each other at once, as warm links
+    make likely) are killed and opened anew on the current one: their streams are served under the
+    old connection's sessions, which the peer no longer accepts. The old connection's late death
+    leaves the new lanes alone."""
+    a, _ = _tcp(1 << 16)
+    old = types.SimpleNamespace(peer_id="peer-b")
+    new = types.SimpleNamespace(peer_id="peer-b")
+    try:
+        (first,) = a._lanes_for(old)  # type: ignore[arg-type]
+        assert a._lanes_for(old) == [first]  # type: ignore[arg-type]
+        (second,) = a._lanes_for(new)  # type: ignore[arg-type]
+        assert second is not first and second.peer is new
+        assert first.dead is not None and "replaced" in first.dead
+        a._peer_dead(old, "replaced by a new connection from the same peer")  # type: ignore[arg-type]
+        assert a._lanes["peer-b"] == [second] and second.dead is None
+        a._peer_dead(new, "gone")  # type: ignore[arg-type]
+        assert "peer-b" not in a._lanes and second.dead is not None
+    finally:
+        a.close()
