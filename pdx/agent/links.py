@@ -62,6 +62,7 @@ class PeerLink:
     transport_address: str
     created: float = 0.0  # monotonic time of the hello
     used: float = 0.0  # last time a job took this link
+    session_handle: bytes = b""  # the session the transport connection must carry (``session_bound``)
 
     def stale(self, now: float) -> bool:
         """True when the peer may have let our session lapse (``pdx.agent.trust``): say hello again
@@ -104,7 +105,7 @@ class Links:
         now = time.monotonic()
         with self._links_lock:
             link = self._links.get(address)
-            if link is not None and not link.stale(now):
+            if link is not None and not link.stale(now) and self.bound(link):
                 link.used = now
                 return link
         if link is not None:
@@ -128,7 +129,7 @@ class Links:
             client.close()
             raise
         link = PeerLink(address, client, info.agent_id, peer.peer_id, info.transport_address,
-                        created=now, used=now)
+                        created=now, used=now, session_handle=cred.handle)
         client.on_restart = lambda _inst, a=address: self.drop_link(a)
         with self._links_lock:
             old = self._links.get(address)
@@ -180,6 +181,16 @@ class Links:
                 key, reply.signature, hello_transcript(b"S", nonce, challenge, reply.agent_id, address)):
             self.ctx.metrics.peer_denied.labels(op="peer_hello").inc()
             raise PeerDenied(f"the agent at {address} is not {agent_id!r} (not signed with its registered key)")
+
+    def bound(self, link: PeerLink) -> bool:
+        """Whether the transport connection to the link's peer still carries the link's session. It
+        does not once that connection was replaced (both agents dialled each other at once, as warm
+        links make likely, or a reconnect): the peer would refuse every data op, so the link is
+        opened again (a new hello, bound to the live connection)."""
+        transport = self.ctx.transport
+        if transport is None or not link.session_handle:
+            return True
+        return transport.session_bound(link.transport_peer, link.session_handle)
 
     def drop_link(self, address: str) -> None:
         with self._links_lock:
@@ -373,6 +384,11 @@ class Warmer:
         timeout = self.links.ctx.config.control.request_timeout_s
         with self._lock:
             self._probed[address] = time.monotonic()
+        if not self.links.bound(link):
+            log.info("warm link with %s: its transport connection was replaced: reconnecting", address)
+            if self.links.get(address) is link:
+                self.links.drop_link(address)
+            return
         try:
             link.client.call(Op.PING, NoArgs(), timeout)
         except (PdxError, OSError) as exc:

@@ -208,6 +208,14 @@ class Transport(abc.ABC):
         ``connect`` already does it all keep this default."""
         return True
 
+    def session_bound(self, peer: PeerId, handle: bytes) -> bool:
+        """Whether the live connection to ``peer`` carries the session ``handle`` (presented at its
+        handshake or bound since). False when a live connection does not: the one the session rode
+        on was replaced (both agents dialled each other at once, or a reconnect), so ``connect``
+        again with the session. True when there is no live connection (nothing to bind to: the next
+        ``post`` finds the peer gone). Backends without peer sessions keep this default."""
+        return True
+
     @abc.abstractmethod
     def post(self, peer: PeerId, kind: OpKind, ops: Sequence[ChunkOp]) -> TransferHandle:
         """Queue a batch of ops to/from ``peer``; returns at once."""

@@ -682,3 +682,9 @@ class SideChannelPeers:
 
     def peers(self) -> list[PeerInfo]:
         return [p.info for p in self._side.peers()]
+
+    def session_bound(self, peer: PeerId, handle: bytes) -> bool:
+        try:
+            return handle in self._side.get(peer).presented
+        except ConnectError:
+            return True  # no live connection: the next post or probe finds the peer gone

@@ -120,3 +120,40 @@ def test_the_link_is_up_before_the_first_fetch_and_again_after_a_restart(agents:
     finally:
         cp.close()
         cd.close()
+
+
+def test_two_agents_that_warm_each_other_both_fetch_at_once(tmp_path: Path) -> None:
+    """Two agents that both serve and know each other (``transport.peers``) warm their links at the
+    same moment: each dials the other, and one of the two transport connections replaces the other.
+    Whichever survives, every link must carry its session on it: each agent's first fetch from the
+    other succeeds (a link whose connection was replaced is opened again, not refused)."""
+    secret = tmp_path / "secret"
+    secret.write_text(secrets.token_hex(32) + "\n")
+    secret.chmod(0o600)
+    ports = {"x": free_port("127.0.0.1"), "y": free_port("127.0.0.1")}
+    base = {"store": {"chunk_tokens": 256, "l1": {"capacity": "16MiB"}}, "http": {"enabled": False}}
+    procs: dict[str, AgentProcess] = {}
+    clients: dict[str, AgentClient] = {}
+    try:
+        for name, other in (("x", "y"), ("y", "x")):
+            transport = {"backend": "tcp", "secret_file": str(secret), "heartbeat_s": 0.5, "warm_probe_s": 0.5,
+                         "peers": [f"tcp://127.0.0.1:{ports[other]}"]}
+            cfg = {**base, "role": "both", "transport": transport,
+                   "control": {"request_timeout_s": 5.0, "peer_port": ports[name]}}
+            procs[name] = AgentProcess(tmp_path, cfg, name=name).start()
+        for name in ("x", "y"):  # both pools come up together: both warm at once
+            clients[name] = register(procs[name])
+        for name in ("x", "y"):
+            until(lambda c=clients[name]: c.stats()["warm_links"] == 1, f"{name}'s link warm")
+        keys = {name: [os.urandom(16) for _ in range(2)] for name in ("x", "y")}
+        for name in ("x", "y"):
+            write(clients[name], keys[name])
+        for me, other in (("x", "y"), ("y", "x")):
+            c = clients[me]
+            info = c.wait(c.fetch(procs[other].peer_address, keys[other], f"req-{me}", deadline_s=20), 20)
+            assert [ch.status for ch in info.chunks] == [ChunkStatus.DONE] * 2, info
+    finally:
+        for c in clients.values():
+            c.close()
+        for p in procs.values():
+            p.stop()

@@ -7,6 +7,7 @@ two-agent version is ``tests/integration/test_agent_warm.py``); the tcp data str
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import types
@@ -25,7 +26,8 @@ from pdx.agent.peers import PeerService, warm_targets
 from pdx.agent.protocol import Op
 from pdx.config import AgentConfig, TransportConfig
 from pdx.errors import AgentUnavailable
-from pdx.transport.base import ChunkOp, MemoryKind, MemoryRegion, OpKind, OpStatus
+from pdx.transport.base import ChunkOp, MemoryKind, MemoryRegion, OpKind, OpStatus, SessionCred
+from pdx.transport.handshake import session_handle
 from pdx.transport.tcp import TcpTransport
 
 A, B, C = "tcp://127.0.0.1:7001", "tcp://127.0.0.1:7002", "tcp://127.0.0.1:7003"
@@ -37,10 +39,14 @@ class FakeTransport:
 
     def __init__(self) -> None:
         self.prepared: list[str] = []
+        self.unbound: set[bytes] = set()  # sessions whose transport connection was replaced
 
     def prepare(self, peer: Any, timeout: float | None = None) -> bool:
         self.prepared.append(peer)
         return True
+
+    def session_bound(self, peer: Any, handle: bytes) -> bool:
+        return handle not in self.unbound
 
 
 class FakeClient:
@@ -85,7 +91,7 @@ class TestLinks(Links):
             client = self.clients[address] = FakeClient()
             now = time.monotonic()
             link = PeerLink(address, client, f"agent@{address}", f"peer@{address}", address,  # type: ignore[arg-type]
-                            created=now, used=now)
+                            created=now, used=now, session_handle=os.urandom(16))
             with self._links_lock:
                 self._links[address] = link
             return link
@@ -170,6 +176,26 @@ def test_a_restarted_peer_is_warmed_again() -> None:
         first.down = True  # it stops answering (a restart drops the link the same way)
         lk.wait_dials(A, 2)
         assert lk.get(A) is not None and lk.get(A).client is lk.clients[A] is not first  # type: ignore[union-attr]
+    finally:
+        lk.close()
+
+
+def test_a_link_whose_connection_was_replaced_is_opened_again() -> None:
+    """Two agents that dial each other at once keep one transport connection, the winner's: the
+    loser's session is not on it and the peer would refuse its data ops. The probe sees that and
+    the warmer opens the link again (a new session, bound to the live connection)."""
+    transport = FakeTransport()
+    lk = TestLinks(context(transport, warm_probe_s=0.05))
+    try:
+        lk.want([A])
+        lk.wait_dials(A, 1)
+        first = lk.get(A)
+        assert first is not None and lk.bound(first)
+        transport.unbound.add(first.session_handle)
+        assert not lk.bound(first)
+        lk.wait_dials(A, 2)
+        again = lk.get(A)
+        assert again is not None and again is not first and lk.bound(again)
     finally:
         lk.close()
 
@@ -261,3 +287,38 @@ def test_tcp_lanes_belong_to_one_connection() -> None:
         assert "peer-b" not in a._lanes and second.dead is not None
     finally:
         a.close()
+
+
+def test_tcp_session_bound_follows_the_live_connection() -> None:
+    """A session presented on one connection is not carried by the one that replaces it (as when two
+    agents dial each other at once and the peer's dial wins): ``session_bound`` says so, and
+    connecting again with the session binds it to the live connection (what ``Links`` does when
+    ``bound`` is false)."""
+    a, _ = _tcp(1 << 16)
+    b, _ = _tcp(1 << 16)
+    token = os.urandom(16)
+    cred = SessionCred(session_handle(token), os.urandom(32))
+    b.accept_sessions(lambda h: (cred.key, token) if h == cred.handle else None)
+    try:
+        b_addr = b.listen()
+        info = a.connect(b_addr, timeout=5.0, session=cred)
+        assert a.session_bound(info.peer_id, cred.handle)
+        assert not a.session_bound(info.peer_id, b"another-session!")
+        a._side.get(info.peer_id).close("test: the connection goes")
+        assert a.session_bound(info.peer_id, cred.handle)  # no live connection: nothing to rebind
+        deadline = time.monotonic() + 5.0
+        while b.peers():  # b saw the goodbye
+            assert time.monotonic() < deadline, "b never noticed the closed connection"
+            time.sleep(0.01)
+        b.connect(a.listen(), timeout=5.0)  # now the peer dials: a's live connection is b's
+        while not a.peers():  # a finished accepting it
+            assert time.monotonic() < deadline, "a never accepted b's connection"
+            time.sleep(0.01)
+        assert a._side.get(info.peer_id).outgoing is False
+        assert not a.session_bound(info.peer_id, cred.handle)
+        a.connect(b_addr, timeout=5.0, session=cred)  # binds the session to the live connection
+        assert a._side.get(info.peer_id).outgoing is False  # no new dial
+        assert a.session_bound(info.peer_id, cred.handle)
+    finally:
+        a.close()
+        b.close()
