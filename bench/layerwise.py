@@ -17,6 +17,9 @@ Rows (each beside its baseline, measured in the same run on the same link and en
 * ``transfer_share_layerwise``: the decode side's load (fetch, verification, unpack: the connector's
   "loaded N tokens ... in X ms" line) as a fraction of TTFT, beside ``transfer_share_whole``.
   Lower is better; layer-wise should leave about one layer's transfer.
+* ``first_fetch_ms``: the decode side's load for the pair's very first P/D request (whole-prompt, the
+  agents' links warmed when they started: ``transport.peers``), beside ``steady_fetch_ms``, the
+  median of the later whole-prompt loads on the same link.
 
 Distinct ``--prompt-tokens`` prompts (no reuse hit anywhere); the modes alternate in blocks, each
 with its own warm-up. Needs root (``ip netns``); every process is stopped by PID and the
@@ -74,10 +77,14 @@ def run(args: argparse.Namespace) -> Report:
         try:
             pair.start()
             results: dict[str, dict[str, list[float]]] = {}
-            for mode, block in (("layerwise", prompts[: args.repeats + 1]), ("whole", prompts[args.repeats + 1:])):
+            first_fetch = float("nan")
+            # whole-prompt first: its warm-up is the pair's first P/D fetch (links warmed at start)
+            for mode, block in (("whole", prompts[: args.repeats + 1]), ("layerwise", prompts[args.repeats + 1:])):
                 warm, timed = block[0], block[1:]
                 pair.pd(warm, layerwise=mode == "layerwise")
                 before = len(_loads(pair.decode_log(), local=False))
+                if mode == "whole" and before:
+                    first_fetch = _loads(pair.decode_log(), local=False)[0][1] * 1e3
                 got: dict[str, list[float]] = {"ttft": [], "prefill": [], "decode": []}
                 for ids in progress(timed, f"P/D {mode}"):
                     p_ms, d_ms = pair.pd(ids, layerwise=mode == "layerwise")
@@ -101,6 +108,10 @@ def run(args: argparse.Namespace) -> Report:
     report.add(Result("transfer_share_layerwise", share_lw, "of TTFT", "transfer_share_whole", share_wh,
                       lower_is_better=True,
                       extra={"load_ms": lw["load"], "baseline_load_ms": wh["load"]}))
+    report.add(Result("first_fetch_ms", first_fetch, "ms", "steady_fetch_ms", median(wh["load"]) if wh["load"]
+                      else float("nan"), lower_is_better=True,
+                      extra={"baseline_samples": wh["load"], "note": "the decode side's load of the pair's first "
+                             "P/D request (whole-prompt) against the later whole-prompt loads, same link"}))
     token_bytes = int(model.spec.kv_bytes_per_token(4)) if model.spec is not None else 0
     layers = model.spec.num_layers if model.spec is not None else 0
     report.notes.extend([
