@@ -24,7 +24,7 @@ fill nor seal another's stage, and a staged chunk reaches the store only through
 request that names it. Stages expire with their reservations (``store.l1.reservation_timeout_s``).
 
 Thread-safety: ``Staging`` has its own lock and condition; ``Pushes`` hands each push to one
-thread of the transfer pool and talks to it through a queue.
+thread of its own pool and talks to it through a queue.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -217,6 +218,10 @@ class Pushes:
         self._lock = threading.Lock()
         self._next = 1
         self._open: dict[int, _Push] = {}
+        # A push waits for its prefill's layers for as long as the prefill computes: it runs on
+        # threads of its own (made as needed), never holding the workers that serve fetches and
+        # peer requests (``ctx.transfers``).
+        self._pool = ThreadPoolExecutor(MAX_PUSHES, thread_name_prefix="pdx-agent-push")
         #: request id -> the decode agent its chunks were pushed to (sealed pushes, most recent last):
         #: that agent may release the request's hand-off pins here (``pd:<request>``) once it took them
         self._pushed: OrderedDict[str, str] = OrderedDict()
@@ -242,7 +247,7 @@ class Pushes:
             self._open[pid] = push
             self.opened += 1
         try:
-            self.ctx.transfers.submit(self._run, push)
+            self._pool.submit(self._run, push)
         except RuntimeError:  # shutting down
             with self._lock:
                 self._open.pop(pid, None)
@@ -276,6 +281,14 @@ class Pushes:
             return False
         push.events.put(("abandon", None))
         return True
+
+    def close(self) -> None:
+        """Abandon every open push (the decode sides fetch or recompute) and join their threads."""
+        with self._lock:
+            pushes = list(self._open.values())
+        for push in pushes:
+            push.events.put(("abandon", None))
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     def pushed_to(self, stage_id: str) -> str:
         """The peer address the chunks of request ``stage_id`` were pushed to ('' if none)."""

@@ -213,6 +213,7 @@ class AgentServer:
         time.sleep(REPLY_GRACE_S)
         self.loop.stop()
         self.links.close()
+        self.pushes.close()
         self.transfers.close()
         self.ctx.transfers.shutdown(wait=True, cancel_futures=True)
         self.ctx.control.shutdown(wait=True, cancel_futures=True)
