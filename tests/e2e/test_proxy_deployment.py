@@ -196,9 +196,10 @@ def test_decode_engine_killed_every_later_request_succeeds(deployment: Deploymen
     assert _complete(pdx, repeat) == want
     local1, pdx1 = _hits(deployment, LOCAL_HITS)["decode-0"], _hits(deployment)["decode-0"]
     assert pdx1 - pdx0 >= 5 * CHUNK_TOKENS and local1 == local0, (local0, local1, pdx0, pdx1)
-    # once more: now vLLM's own prefix cache (the first tier) holds it, pdx loads nothing
+    # once more: now vLLM's own prefix cache (the first tier) holds its full blocks, and pdx loads
+    # at most the stored tail after them (less than a chunk), never the blocks vLLM has
     assert _complete(pdx, repeat) == want
     local2, pdx2 = _hits(deployment, LOCAL_HITS)["decode-0"], _hits(deployment)["decode-0"]
-    assert local2 - local1 >= 5 * CHUNK_TOKENS and pdx2 == pdx1, (local1, local2, pdx1, pdx2)
+    assert local2 - local1 >= 5 * CHUNK_TOKENS and 0 <= pdx2 - pdx1 < CHUNK_TOKENS, (local1, local2, pdx1, pdx2)
     # the killed engine's shared memory (vLLM's psm_* queues) was removed by its agent
     assert segments and not any(Path("/dev/shm", n).exists() for n in segments), segments
