@@ -60,7 +60,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> Report:
-    import httpx
 
     from pdx.deploy.agent_engine import AgentEngine
     from pdx.engine.vllm import VllmOptions, start_server
@@ -80,16 +79,6 @@ def run(args: argparse.Namespace) -> Report:
     # vLLM's own prefix cache off: a repeat's speed-up must come from pdx's store
     vopts: dict[str, Any] = {"served_model_name": args.model, "max_model_len": max(8192, n + 64, sn + 64),
                              "kv_cache_gib": 2, "prefix_caching": False}
-
-    def ttft(url: str, ids: list[int], name: str, **body: Any) -> tuple[float, dict[str, Any]]:
-        payload = {"model": name, "prompt": ids, "max_tokens": 1, "temperature": 0.0, **body}
-        t0 = time.perf_counter()
-        resp = httpx.post(f"{url}/v1/completions", json=payload, timeout=600.0)
-        dt = time.perf_counter() - t0
-        if resp.status_code != 200:
-            raise RuntimeError(f"{url}: {resp.status_code} {resp.text[:500]}")
-        out: dict[str, Any] = resp.json()
-        return dt * 1e3, out
 
     # 1. the plain server: the baseline of the no-hit and P/D rows
     plain = start_server(VllmOptions(model=str(model.path), cpu_bind="0", **vopts),
@@ -145,21 +134,21 @@ def run(args: argparse.Namespace) -> Report:
         try:
             ttft(prefill.url, warm, args.model)
             ttft(decode.url, warm, args.model)
-            pd_ms, p_part, d_part = [], [], []
-            for ids in progress(timed, "P/D"):
-                p_ms, out = ttft(prefill.url, ids, args.model, kv_transfer_params={"do_remote_decode": True})
-                d_ms, _ = ttft(decode.url, ids, args.model, kv_transfer_params=out["kv_transfer_params"])
-                pd_ms.append(p_ms + d_ms)
-                p_part.append(p_ms)
-                d_part.append(d_ms)
+
+            def pd_pairs(prompts: list[list[int]], label: str) -> tuple[list[float], list[float], list[float]]:
+                """(TTFT, prefill part, decode part) in ms of one P/D pair per prompt."""
+                both_ms, p_ms, d_ms = [], [], []
+                for ids in progress(prompts, label):
+                    p, out = ttft(prefill.url, ids, args.model, kv_transfer_params={"do_remote_decode": True})
+                    d, _ = ttft(decode.url, ids, args.model, kv_transfer_params=out["kv_transfer_params"])
+                    both_ms.append(p + d)
+                    p_ms.append(p)
+                    d_ms.append(d)
+                return both_ms, p_ms, d_ms
+
+            pd_ms, p_part, d_part = pd_pairs(timed, "P/D")
             fetch_loads = _loads(decode.engine_log_text(), local=False)
-            pd_short_ms, p_short, d_short = [], [], []
-            for ids in progress(short, "P/D short"):
-                p_ms, out = ttft(prefill.url, ids, args.model, kv_transfer_params={"do_remote_decode": True})
-                d_ms, _ = ttft(decode.url, ids, args.model, kv_transfer_params=out["kv_transfer_params"])
-                pd_short_ms.append(p_ms + d_ms)
-                p_short.append(p_ms)
-                d_short.append(d_ms)
+            pd_short_ms, p_short, d_short = pd_pairs(short, "P/D short")
         finally:
             decode.stop()
     finally:
@@ -219,6 +208,20 @@ def _prompts(model_path: Path, n: int, count: int, paragraph: Callable[[int, int
                 break
             words = int(words * 1.5)
     return out
+
+
+def ttft(url: str, ids: list[int], name: str, **body: Any) -> tuple[float, dict[str, Any]]:
+    """One non-streamed ``/v1/completions`` call with ``max_tokens=1``: (milliseconds, its answer)."""
+    import httpx
+
+    payload = {"model": name, "prompt": ids, "max_tokens": 1, "temperature": 0.0, **body}
+    t0 = time.perf_counter()
+    resp = httpx.post(f"{url}/v1/completions", json=payload, timeout=600.0)
+    dt = time.perf_counter() - t0
+    if resp.status_code != 200:
+        raise RuntimeError(f"{url}: {resp.status_code} {resp.text[:500]}")
+    out: dict[str, Any] = resp.json()
+    return dt * 1e3, out
 
 
 def _loads(log_text: str, local: bool) -> list[tuple[int, float]]:

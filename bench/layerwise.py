@@ -32,10 +32,10 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
+from bench.e2e import ttft
 from bench.report import Report, Result, median, progress
 
 PEER_PORT = 7411
@@ -176,9 +176,10 @@ class _Pair:
         params: dict[str, Any] = {"do_remote_decode": True}
         if layerwise:
             params["pdx"] = {"v": 2, "push": {"agent": self.peer(1)}}
-        p_ms, out = self.hosts.call(0, _complete, self.engines["prefill"].url, self.args.model, ids, params)
-        d_ms, _ = self.hosts.call(0, _complete, self.engines["decode"].url, self.args.model, ids,
-                                  out["kv_transfer_params"])
+        p_ms, out = self.hosts.call(0, ttft, self.engines["prefill"].url, ids, self.args.model,
+                                    kv_transfer_params=params)
+        d_ms, _ = self.hosts.call(0, ttft, self.engines["decode"].url, ids, self.args.model,
+                                  kv_transfer_params=out["kv_transfer_params"])
         return p_ms, d_ms
 
     def decode_log(self) -> str:
@@ -193,15 +194,3 @@ class _Pair:
         for e in self.engines.values():
             e.stop()
 
-
-def _complete(url: str, model: str, ids: list[int], params: dict[str, Any]) -> tuple[float, dict[str, Any]]:
-    import httpx
-
-    payload = {"model": model, "prompt": ids, "max_tokens": 1, "temperature": 0.0, "kv_transfer_params": params}
-    t0 = time.perf_counter()
-    resp = httpx.post(f"{url}/v1/completions", json=payload, timeout=600.0)
-    dt = time.perf_counter() - t0
-    if resp.status_code != 200:
-        raise RuntimeError(f"{url}: {resp.status_code} {resp.text[:500]}")
-    out: dict[str, Any] = resp.json()
-    return dt * 1e3, out

@@ -229,14 +229,19 @@ def push_params(agent: str) -> dict[str, Any]:
     return {"push": {"agent": agent}}
 
 
-def _push_block(block: Mapping[str, Any]) -> str:
+def _check_block(block: Mapping[str, Any], beside: str) -> None:
+    """The ``"pdx"`` block's version and field names (``beside``: what it carries, for the error)."""
     if block.get("v", PARAMS_VERSION) != PARAMS_VERSION:
         raise TransferParamsError(
             f"kv_transfer_params.pdx.v: this engine speaks version {PARAMS_VERSION}, got {block.get('v')!r}")
     unknown = sorted(set(block) - {"v", "hint", "push"})
     if unknown:
-        raise TransferParamsError(f"kv_transfer_params.pdx: unknown field {unknown[0]!r} beside push; "
+        raise TransferParamsError(f"kv_transfer_params.pdx: unknown field {unknown[0]!r} beside {beside}; "
                                   "allowed: hint, push, v")
+
+
+def _push_block(block: Mapping[str, Any]) -> str:
+    _check_block(block, "push")
     try:
         return msgspec.convert(block["push"], PushWire, strict=True).agent
     except msgspec.ValidationError as exc:
@@ -244,13 +249,7 @@ def _push_block(block: Mapping[str, Any]) -> str:
 
 
 def _hint_block(block: Mapping[str, Any]) -> PeerHint:
-    if block.get("v", PARAMS_VERSION) != PARAMS_VERSION:
-        raise TransferParamsError(
-            f"kv_transfer_params.pdx.v: this engine speaks version {PARAMS_VERSION}, got {block.get('v')!r}")
-    unknown = sorted(set(block) - {"v", "hint", "push"})
-    if unknown:
-        raise TransferParamsError(f"kv_transfer_params.pdx: unknown field {unknown[0]!r} beside a hint; "
-                                  "allowed: hint, push, v")
+    _check_block(block, "a hint")
     return PeerHint.from_dict(block["hint"])
 
 
